@@ -1,0 +1,5 @@
+import sys
+
+from lieq_mlx_cli.main import main
+
+sys.exit(main())
