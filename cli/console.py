@@ -23,7 +23,7 @@ def make_console() -> Console:
 
 
 def print_error(console: Console, message: str) -> None:
-    console.print(Text.assemble(("error: ", "bold red"), message))
+    console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
 
 
 @contextmanager

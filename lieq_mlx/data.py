@@ -14,9 +14,9 @@ import numpy as np
 from lieq_mlx.errors import DataError
 
 WIKITEXT_HINT = (
-    "download WikiText-2 (raw) from the Hugging Face Hub, for example "
-    "`hf download Salesforce/wikitext --repo-type dataset --include 'wikitext-2-raw-v1/*'`, "
-    "and pass its test split as --data FILE"
+    "pass a plain text file as --data FILE; the usual choice is the test split of WikiText-2 "
+    "(raw), wiki.test.raw, published as the Hugging Face dataset Salesforce/wikitext "
+    "(config wikitext-2-raw-v1)"
 )
 
 

@@ -55,7 +55,8 @@ def reexec_with_openblas(argv: list[str] | None = None) -> None:
     preload = env.get("LD_PRELOAD", "")
     env["LD_PRELOAD"] = f"{library}:{preload}" if preload else library
     env[_REEXEC_MARK] = "1"
-    args = argv if argv is not None else sys.argv
+    # sys.orig_argv keeps interpreter options such as `-m module`, which sys.argv drops.
+    args = argv if argv is not None else sys.orig_argv[1:]
     os.execve(sys.executable, [sys.executable, *args], env)
 
 

@@ -1,0 +1,1 @@
+"""Layer geometry analysis: the proxy that scores decoder layers, and its saliency check."""
