@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 from lieq_mlx.bench import BenchSettings, ModelBench, bench_model, bench_report, memory_bandwidth
@@ -65,8 +66,10 @@ def _spread_text(median: float, low: float, high: float) -> str:
 def results_table(results: list[ModelBench], bandwidth, settings: BenchSettings) -> Table:
     """Build the summary table: one row per model, ratios to the first model."""
     table = Table(
-        title=f"tokens per second, prompt {settings.prompt_tokens} tokens, {settings.generation_tokens} "
-        f"generated, median [min-max] of {settings.trials} trials after 1 warm-up",
+        title=escape(
+            f"tokens per second, prompt {settings.prompt_tokens} tokens, {settings.generation_tokens} "
+            f"generated, median [min-max] of {settings.trials} trials after 1 warm-up"
+        ),
     )
     columns = (
         "model", "load s", "prefill tok/s", "generation tok/s", "% of bound",
@@ -77,10 +80,10 @@ def results_table(results: list[ModelBench], bandwidth, settings: BenchSettings)
     for result in results:
         ratios = ratios_to(result, results[0])
         table.add_row(
-            result.spec,
+            escape(result.spec),
             f"{result.load_seconds:.1f}",
-            _spread_text(result.prefill.median, result.prefill.min, result.prefill.max),
-            _spread_text(result.generation.median, result.generation.min, result.generation.max),
+            escape(_spread_text(result.prefill.median, result.prefill.min, result.prefill.max)),
+            escape(_spread_text(result.generation.median, result.generation.min, result.generation.max)),
             f"{percent_of_bound(result, bandwidth):.0f}%",
             f"{result.peak_memory_bytes / 1e9:.2f}",
             f"{result.size_on_disk_bytes / 1e6:,.1f}",
@@ -101,7 +104,7 @@ def print_notes(console, results: list[ModelBench], bandwidth) -> None:
     for result in results:
         traffic = result.traffic
         console.print(
-            f"  {result.spec}: {traffic.total_bytes / 1e6:,.1f} MB per token "
+            f"  {escape(result.spec)}: {traffic.total_bytes / 1e6:,.1f} MB per token "
             f"({traffic.weight_bytes / 1e6:,.1f} MB weights + {traffic.kv_cache_bytes / 1e6:,.2f} MB KV cache "
             f"at {traffic.mean_context:.1f} tokens); bits {result.bits.source}"
         )
@@ -126,9 +129,9 @@ def print_kernel_timings(console, spec: str) -> None:
     model, _ = load_model(spec)
     timings = compare_layer_kernels(model)
     if not timings:
-        console.print(f"{spec}: no 1- or 2-bit decoder layers, so no custom kernel runs")
+        console.print(f"{escape(spec)}: no 1- or 2-bit decoder layers, so no custom kernel runs")
         return
-    table = Table(title=f"{spec}: custom Metal kernels against mx.quantized_matmul, one input row, median of 50 calls")
+    table = Table(title=f"{escape(spec)}: custom Metal kernels against mx.quantized_matmul, one input row, median of 50 calls")
     for column in ("layer", "operation", "bits", "kernel µs", "mx.quantized_matmul µs", "speed-up"):
         table.add_column(column, justify="right")
     for timing in timings:
@@ -165,8 +168,10 @@ def run(args, console) -> int:
             results.append(bench_model(spec, settings, on_step))
             progress.advance(task)
 
-    # Rich wraps at 80 columns when the output is not a terminal; the table needs more.
-    console.print(results_table(results, bandwidth, settings), width=None if console.is_terminal else TABLE_WIDTH)
+    if not console.is_terminal:
+        # Rich wraps at 80 columns when the output is not a terminal; the table needs more.
+        console.width = TABLE_WIDTH
+    console.print(results_table(results, bandwidth, settings))
     print_notes(console, results, bandwidth)
     if json_path is not None:
         write_json(json_path, bench_report(results, settings, bandwidth))

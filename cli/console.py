@@ -50,3 +50,32 @@ def progress_callback(progress: Progress, description: str):
         progress.update(task, completed=done, total=total)
 
     return update
+
+
+class StageProgress:
+    """Progress bars keyed by stage name, for library callbacks `(stage, done, total)`."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.tasks: dict[str, int] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=total)
+        self.progress.update(self.tasks[stage], completed=done, total=total)
+
+
+# One block per width, from 1 to 8 bits, for compact per-layer strips.
+_BLOCKS = {1: "▁", 2: "▂", 3: "▃", 4: "▄", 5: "▅", 6: "▆", 8: "█"}
+_COLORS = {1: "red", 2: "yellow", 3: "cyan", 4: "green", 5: "blue", 6: "magenta", 8: "white"}
+
+
+def bit_strip(allocation) -> Text:
+    """Render per-layer widths as a strip of digits over coloured blocks, one per layer."""
+    text = Text()
+    for bits in allocation:
+        text.append(str(bits), style=_COLORS.get(bits, "white"))
+    text.append("\n")
+    for bits in allocation:
+        text.append(_BLOCKS.get(bits, "?"), style=_COLORS.get(bits, "white"))
+    return text

@@ -4,8 +4,8 @@
 LIEQ_NO_KERNELS is unset:
 
 - the q, k and v projections of an attention layer that share bits, group size and input
-  width become `FusedQKVProjection`s: the first of the three calls computes all three in
-  one kernel dispatch and the other two return the stored results;
+  width become `FusedQKVProjection`s. The first of the three calls computes all three in
+  one kernel dispatch, and the other two return the stored results;
 - a SwiGLU MLP from mlx-lm (llama, qwen2, qwen3) whose gate and up projections share bits
   and group size, and carry no bias, becomes a `FusedSwiGLUMLP`;
 - every other 1- or 2-bit affine `nn.QuantizedLinear` becomes a `KernelQuantizedLinear`.
@@ -199,7 +199,7 @@ class FusedSwiGLUMLP(nn.Module):
 
 @dataclass
 class KernelReport:
-    """What `install_kernels` changed in a model, and whether the kernels run on Metal."""
+    """Summary of the modules `install_kernels` replaced and of the path they compute on."""
 
     installed: bool
     on_metal: bool

@@ -8,7 +8,7 @@
 constant constexpr int LOWBIT_SIMD_WIDTH = 32;
 
 // Accumulates this lane's share of x[m, :] . dequant(w_row) into acc[m] for m < M.
-// Lane `lane` takes packed words lane, lane + 32, lane + 64, ... of the row. A word holds
+// Lane `lane` takes packed words lane, lane + 32, lane + 64, ... of the row. A word contains
 // 32 / BITS codes, and because GROUP_SIZE is a multiple of 32 every word lies inside one
 // group, so one scale and one bias apply to the whole word. Lanes whose next word is past
 // the end of the row stop early, which handles K that is not a multiple of the 32-word block.

@@ -106,12 +106,19 @@ ALL_CASES = (
 )
 
 
+# Largest error of a float16 kernel output against the same computation in float32 on the
+# same float16 operands, relative to the largest output: a little over one float16 rounding.
+HALF_ROUNDING_TOLERANCE = 1e-3
+
+
 @dataclass
 class Prepared:
-    """A planned launch for one case and MLX's outputs for the same operands."""
+    """A planned launch for one case, MLX's outputs for the same operands, and the same
+    computation in float32 (equal to `references` for float32 cases)."""
 
     launch: KernelLaunch
     references: list[np.ndarray]
+    exact: list[np.ndarray]
 
 
 def make_packed(key: mx.array, output_dims: int, case: Case) -> PackedWeight:
@@ -133,27 +140,46 @@ def reference_matmul(x: mx.array, packed: PackedWeight, case: Case) -> mx.array:
     )
 
 
+def as_float32(packed: PackedWeight) -> PackedWeight:
+    return PackedWeight(
+        packed.weight, packed.scales.astype(mx.float32), packed.biases.astype(mx.float32)
+    )
+
+
+def mlx_outputs(case: Case, x: mx.array, packs: list[PackedWeight]) -> list[np.ndarray]:
+    """Compute the case's outputs with mx.quantized_matmul (and nn.silu for gate/up)."""
+    if case.kernel == "gate_up":
+        gate_out = reference_matmul(x, packs[0], case)
+        up_out = reference_matmul(x, packs[1], case)
+        outputs = [nn.silu(gate_out) * up_out]
+    else:
+        outputs = [reference_matmul(x, packed, case) for packed in packs]
+    return [np.array(output.astype(mx.float32)) for output in outputs]
+
+
 def prepare_case(case: Case, seed: int) -> Prepared:
     keys = mx.random.split(mx.random.key(seed), 4)
     x = mx.random.normal((case.rows, case.input_dims), key=keys[0]).astype(case.dtype)
-    packs = [make_packed(keys[i + 1], n, case) for i, n in enumerate(case.output_dims)]
+    if case.kernel == "gate_up":
+        packs = [make_packed(keys[i + 1], case.output_dims[0], case) for i in range(2)]
+    else:
+        packs = [make_packed(keys[i + 1], n, case) for i, n in enumerate(case.output_dims)]
     options = dict(group_size=case.group_size, bits=case.bits)
 
     if case.kernel == "qmv":
         launch = plan_quantized_matvec(x, packs[0], **options)
-        references = [reference_matmul(x, packs[0], case)]
     elif case.kernel == "qkv":
         launch = plan_fused_qkv(x, *packs, **options)
-        references = [reference_matmul(x, packed, case) for packed in packs]
     else:
-        gate, up = make_packed(keys[1], case.output_dims[0], case), make_packed(
-            keys[2], case.output_dims[0], case
-        )
-        launch = plan_fused_gate_up(x, gate, up, **options)
-        gate_out = reference_matmul(x, gate, case)
-        up_out = reference_matmul(x, up, case)
-        references = [nn.silu(gate_out) * up_out]
-    return Prepared(launch, [np.array(ref.astype(mx.float32)) for ref in references])
+        launch = plan_fused_gate_up(x, *packs, **options)
+    references = mlx_outputs(case, x, packs)
+    exact = mlx_outputs(
+        Case(case.kernel, case.rows, case.bits, case.group_size, case.input_dims,
+             case.output_dims, mx.float32),
+        x.astype(mx.float32),
+        [as_float32(packed) for packed in packs],
+    )
+    return Prepared(launch, references, exact)
 
 
 @pytest.fixture(scope="session")
@@ -198,6 +224,8 @@ def test_emulated_kernel_matches_mlx(case, emulator, prepared_cases):
         assert output.shape == reference.shape
         assert not np.isnan(output.astype(np.float32)).any(), "kernel left outputs unwritten"
     assert max_relative_error(outputs, prepared.references) <= KERNEL_TOLERANCE[case.dtype]
+    if case.dtype == mx.float16:
+        assert max_relative_error(outputs, prepared.exact) <= HALF_ROUNDING_TOLERANCE
 
 
 # Each mutation breaks the index arithmetic (or the epilogue) of one kernel while keeping

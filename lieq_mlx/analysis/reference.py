@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from lieq_mlx.errors import UnsupportedModelError
@@ -26,10 +27,11 @@ def random_model(model: nn.Module, seed: int) -> nn.Module:
         )
     copy = type(model)(args)
     trained = dict(tree_flatten(model.parameters()))
-    key = mx.random.key(seed)
+    # numpy's generator draws normal samples faster than mx.random on the CPU; the
+    # parameters are visited in sorted order so that a seed always gives the same model.
+    generator = np.random.default_rng(seed)
     drawn = []
     for path, initial in sorted(tree_flatten(copy.parameters())):
-        key, subkey = mx.random.split(key)
         if initial.ndim != 2:
             drawn.append((path, initial.astype(mx.float32)))
             continue
@@ -40,7 +42,8 @@ def random_model(model: nn.Module, seed: int) -> nn.Module:
             # NOTE: quantized trained weights are not dequantized here; such matrices get
             # the 1/sqrt(in_features) scale of a standard initialisation instead.
             sigma = initial.shape[-1] ** -0.5
-        drawn.append((path, sigma * mx.random.normal(initial.shape, dtype=mx.float32, key=subkey)))
+        sample = generator.standard_normal(initial.shape, dtype=np.float32)
+        drawn.append((path, sigma * mx.array(sample)))
     copy.update(tree_unflatten(drawn))
     mx.eval(copy.parameters())
     copy.eval()

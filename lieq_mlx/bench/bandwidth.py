@@ -1,9 +1,9 @@
 """Memory bandwidth for the decode bound: Apple's published figure, or a measured copy.
 
 On Apple Silicon the chip is read from `sysctl -n machdep.cpu.brand_string` and looked up
-in `APPLE_BANDWIDTH_GB_S`. Elsewhere, or for a chip missing from the table, the bandwidth
-is measured with MLX on a large array: the higher of its read rate (a sum) and its copy
-rate (bytes read plus bytes written, divided by the time), each the best of a few runs.
+in `APPLE_BANDWIDTH_GB_S`. Elsewhere, or for a chip missing from the table, MLX measures
+it on a large array. The result is the higher of the read rate (a sum) and the copy rate
+(bytes read plus bytes written, divided by the time), each the best of a few runs.
 """
 
 from __future__ import annotations

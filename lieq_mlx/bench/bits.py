@@ -54,7 +54,7 @@ def linear_weight_widths(model: nn.Module) -> list[tuple[int, int]]:
     leaves = [layer.leaf_modules() for layer in model.layers]
     for _, module in tree_flatten(leaves, is_leaf=lambda m: isinstance(m, nn.Module)):
         if isinstance(module, nn.QuantizedLinear):
-            # A packed uint32 word holds 32 / bits codes.
+            # A packed uint32 word contains 32 / bits codes.
             widths.append((module.bits, module.weight.size * 32 // module.bits))
         elif isinstance(module, nn.Linear):
             widths.append((module.weight.dtype.size * 8, module.weight.size))

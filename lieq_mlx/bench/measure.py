@@ -134,8 +134,8 @@ def run_trial(model: nn.Module, prompt: mx.array, generation_tokens: int) -> tup
     generated = sum(1 for _ in steps)
     end = time.perf_counter()
     generation_peak = mx.get_peak_memory()
-    # generate_step queues one more decode step before it yields the last token; let it
-    # finish outside the timed span so that it does not slow the next trial.
+    # generate_step queues one more decode step before it yields the last token. Waiting
+    # for it here, outside the timed span, keeps it from slowing the next trial.
     mx.synchronize(generation_stream)
 
     if generated != generation_tokens:

@@ -1,6 +1,6 @@
 """The JSON record of a benchmark run: settings, machine, bandwidth and every raw trial.
 
-The key set of each level is fixed for a given `REPORT_VERSION`; a change to it bumps the
+The key set of each level is fixed for a given `REPORT_VERSION`. A change to it bumps the
 version, so that scripts reading old records can tell them apart.
 """
 

@@ -20,7 +20,7 @@ from lieq_mlx.platform import metal_available
 
 NO_KERNELS_ENV = "LIEQ_NO_KERNELS"
 
-# Widths and group sizes the kernels are written for. A packed word holds 32 / bits codes,
+# Widths and group sizes the kernels are written for. A packed word contains 32 / bits codes,
 # and a group size that is a multiple of 32 keeps every word inside one group.
 KERNEL_BITS = (1, 2)
 KERNEL_GROUP_SIZES = (32, 64, 128)
@@ -41,9 +41,10 @@ COMMON_HEADER_FILE = "low_bit_common.h"
 
 # Largest difference from mx.quantized_matmul, relative to the largest magnitude of the
 # reference output, that the kernels are tested to stay within (emulated runs in
-# tests/test_kernels_emulated.py). The kernels accumulate in float32 in another order than
-# MLX and round once at the end.
-KERNEL_TOLERANCE = {mx.float32: 1e-5, mx.float16: 2e-3}
+# tests/test_kernels_emulated.py). The kernels accumulate in float32, in another order than
+# MLX, and round once at the end. In float16 MLX's own rounding dominates (measured up to
+# 0.4% of the largest output on MLX 0.32.4's CPU backend), so float16 gets 1%.
+KERNEL_TOLERANCE = {mx.float32: 1e-5, mx.float16: 1e-2}
 
 
 def kernels_disabled_by_env() -> bool:

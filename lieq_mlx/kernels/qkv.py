@@ -1,7 +1,7 @@
 """Fused q/k/v projections of one attention layer with 1- or 2-bit weights.
 
-Metal kernel `metal/qkv_low_bit.metal`: one dispatch computes q, k and v from the same x;
-one SIMD group per output row of the stacked q, k and v weights, 32 lanes split K.
+Metal kernel `metal/qkv_low_bit.metal`: one dispatch computes q, k and v from the same x.
+It runs one SIMD group per output row of the stacked q, k and v weights, 32 lanes split K.
 """
 
 from __future__ import annotations

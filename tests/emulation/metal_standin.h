@@ -16,8 +16,6 @@
 // - The SIMD width is 32, as on Apple GPUs, and SIMD-group reductions add lanes in lane
 //   order, so float results may differ from a GPU in the last bits.
 
-#pragma once
-
 #include <algorithm>
 #include <array>
 #include <atomic>

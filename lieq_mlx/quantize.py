@@ -1,0 +1,212 @@
+"""Quantize a loaded model in memory: per-layer candidates, bit accounting, allocation.
+
+`LayerCandidates` quantizes every decoder-layer projection once at each candidate width
+and keeps the results, so measuring each layer's distortion D_l(b) and building the final
+model share one pass of the quantizers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from lieq_mlx.allocation import BitAccounting
+from lieq_mlx.analysis.model_parts import PROJECTIONS, decoder_parts, projection, projection_parent
+from lieq_mlx.quantizers import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, quantize_weight
+
+DISTORTIONS = ("weight", "output")
+STORAGE_DTYPE = mx.float16  # dtype of scales, biases and unquantized weights on disk
+UNQUANTIZED_BITS = 16
+
+
+@dataclass
+class QuantizedWeight:
+    weight: mx.array  # (out, in * bits / 32) uint32
+    scales: mx.array  # (out, in / group_size)
+    biases: mx.array  # (out, in / group_size)
+    bits: int
+    group_size: int
+
+    def dequantized(self) -> mx.array:
+        return mx.dequantize(self.weight, self.scales, self.biases, group_size=self.group_size, bits=self.bits)
+
+
+@dataclass
+class LayerCandidates:
+    """Every projection of every decoder layer, quantized at every candidate width."""
+
+    widths: tuple[int, ...]
+    group_size: int
+    weights: list[dict[int, dict[str, QuantizedWeight]]] = field(default_factory=list)
+
+
+def linear_weight(module: nn.Module) -> mx.array:
+    if isinstance(module, nn.QuantizedLinear):
+        return mx.dequantize(module.weight, module.scales, module.biases, group_size=module.group_size, bits=module.bits)
+    return module.weight
+
+
+def layer_param_counts(model: nn.Module) -> list[int]:
+    """Return each decoder layer's number of linear weights (q, k, v, o, gate, up, down)."""
+    _, layers, _ = decoder_parts(model)
+    return [sum(int(np.prod(linear_weight(projection(layer, name)).shape)) for name in PROJECTIONS) for layer in layers]
+
+
+def _embedding_params(model: nn.Module) -> tuple[int, int]:
+    """Return (embedding parameters, untied head parameters)."""
+    embed = model.model.embed_tokens
+    rows = embed.weight.shape[0]
+    columns = embed.weight.shape[1] * (32 // embed.bits if isinstance(embed, nn.QuantizedEmbedding) else 1)
+    head = getattr(model, "lm_head", None)
+    head_params = 0
+    if head is not None:
+        out_features, packed = head.weight.shape
+        head_params = out_features * packed * (32 // head.bits if isinstance(head, nn.QuantizedLinear) else 1)
+    return rows * columns, head_params
+
+
+def build_accounting(model: nn.Module, group_size: int, embed_bits: int, embed_group_size: int) -> BitAccounting:
+    """Count the model's parameters and the stored bits outside the decoder-layer weights."""
+    from mlx.utils import tree_flatten
+
+    layer_params = layer_param_counts(model)
+    embedding, head = _embedding_params(model)
+    linear_total = sum(layer_params)
+    other = 0
+    for name, value in tree_flatten(model.parameters()):
+        if ".layers." in f".{name}" and name.rsplit(".", 1)[-1] in ("weight", "bias") and "norm" in name:
+            other += value.size
+        elif name.startswith("model.norm"):
+            other += value.size
+    per_weight = embed_bits + 32 / embed_group_size if embed_bits < UNQUANTIZED_BITS else UNQUANTIZED_BITS
+    fixed = (embedding + head) * per_weight + other * UNQUANTIZED_BITS
+    return BitAccounting(
+        layer_params=tuple(layer_params),
+        total_params=linear_total + embedding + head + other,
+        fixed_bits=float(fixed),
+        overhead_per_weight=32 / group_size,
+    )
+
+
+def quantize_candidates(
+    model: nn.Module,
+    widths,
+    group_size: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> LayerCandidates:
+    """Quantize every projection of every decoder layer at each width in `widths`."""
+    for bits in widths:
+        if bits not in SUPPORTED_BITS:
+            raise ValueError(f"width {bits} is not supported")
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"group size {group_size} is not supported")
+    _, layers, _ = decoder_parts(model)
+    candidates = LayerCandidates(widths=tuple(sorted(widths)), group_size=group_size)
+    for index, layer in enumerate(layers):
+        per_width = {}
+        for bits in candidates.widths:
+            per_width[bits] = {}
+            for name in PROJECTIONS:
+                weight = linear_weight(projection(layer, name)).astype(mx.float32)
+                packed, scales, biases = quantize_weight(weight, bits, group_size, STORAGE_DTYPE)
+                mx.eval(packed, scales, biases)
+                per_width[bits][name] = QuantizedWeight(packed, scales, biases, bits, group_size)
+        candidates.weights.append(per_width)
+        if progress:
+            progress(index + 1, len(layers))
+    return candidates
+
+
+def weight_distortion(model: nn.Module, candidates: LayerCandidates) -> np.ndarray:
+    """Return D[l, j]: layer l's relative weight error ||W - W_hat||^2 / ||W||^2 at widths[j]."""
+    _, layers, _ = decoder_parts(model)
+    table = np.zeros((len(layers), len(candidates.widths)))
+    for index, layer in enumerate(layers):
+        originals = {name: linear_weight(projection(layer, name)).astype(mx.float32) for name in PROJECTIONS}
+        reference = sum((w * w).sum().item() for w in originals.values())
+        for j, bits in enumerate(candidates.widths):
+            error = 0.0
+            for name, original in originals.items():
+                restored = candidates.weights[index][bits][name].dequantized().astype(mx.float32)
+                error += ((restored - original) ** 2).sum().item()
+            table[index, j] = error / reference
+    return table
+
+
+def output_distortion(model: nn.Module, candidates: LayerCandidates, windows: mx.array) -> np.ndarray:
+    """Return D[l, j]: layer l's relative output error on calibration `windows`.
+
+    For each projection P with captured inputs X: ||X (W - W_hat)^T||^2, summed over the
+    layer's projections and divided by the layer's sum of ||X W^T||^2.
+    """
+    from lieq_mlx.analysis.capture import capture_layer_inputs
+
+    _, layers, _ = decoder_parts(model)
+    table = np.zeros((len(layers), len(candidates.widths)))
+    for index, inputs in capture_layer_inputs(model, windows):
+        layer = layers[index]
+        originals = {name: linear_weight(projection(layer, name)).astype(mx.float32) for name in PROJECTIONS}
+        reference = sum(((inputs[name] @ w.T) ** 2).sum().item() for name, w in originals.items())
+        for j, bits in enumerate(candidates.widths):
+            error = 0.0
+            for name, original in originals.items():
+                delta = candidates.weights[index][bits][name].dequantized().astype(mx.float32) - original
+                error += ((inputs[name] @ delta.T) ** 2).sum().item()  # (tokens, out) summed
+            table[index, j] = error / reference
+    return table
+
+
+def apply_allocation(model: nn.Module, candidates: LayerCandidates, allocation) -> dict:
+    """Replace each decoder layer's projections with its quantized candidate; return config entries."""
+    _, layers, _ = decoder_parts(model)
+    entries = {}
+    for index, (layer, bits) in enumerate(zip(layers, allocation)):
+        for name in PROJECTIONS:
+            chosen = candidates.weights[index][bits][name]
+            original = projection(layer, name)
+            out_features, in_features = linear_weight(original).shape
+            has_bias = "bias" in original
+            module = nn.QuantizedLinear(in_features, out_features, bias=has_bias, group_size=chosen.group_size, bits=bits)
+            module.weight, module.scales, module.biases = chosen.weight, chosen.scales, chosen.biases
+            if has_bias:
+                module.bias = original.bias
+            setattr(projection_parent(layer, name), name, module)
+            parent = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            entries[f"model.layers.{index}.{parent}.{name}"] = {"group_size": chosen.group_size, "bits": bits}
+    return entries
+
+
+def quantize_embeddings(model: nn.Module, bits: int, group_size: int) -> dict:
+    """Quantize the token embedding (and an untied head) to `bits`; return config entries."""
+    if bits >= UNQUANTIZED_BITS:
+        return {}
+    entries = {}
+    embed = model.model.embed_tokens
+    if not isinstance(embed, nn.QuantizedEmbedding):
+        vocab, dims = embed.weight.shape
+        packed, scales, biases = quantize_weight(embed.weight.astype(mx.float32), bits, group_size, STORAGE_DTYPE)
+        module = nn.QuantizedEmbedding(vocab, dims, group_size=group_size, bits=bits)
+        module.weight, module.scales, module.biases = packed, scales, biases
+        model.model.embed_tokens = module
+        entries["model.embed_tokens"] = {"group_size": group_size, "bits": bits}
+    head = getattr(model, "lm_head", None)
+    if head is not None and not isinstance(head, nn.QuantizedLinear):
+        out_features, in_features = head.weight.shape
+        packed, scales, biases = quantize_weight(head.weight.astype(mx.float32), bits, group_size, STORAGE_DTYPE)
+        module = nn.QuantizedLinear(in_features, out_features, bias=False, group_size=group_size, bits=bits)
+        module.weight, module.scales, module.biases = packed, scales, biases
+        model.lm_head = module
+        entries["lm_head"] = {"group_size": group_size, "bits": bits}
+    return entries
+
+
+def round_to_storage(model: nn.Module) -> None:
+    """Round the remaining floating parameters (norms) through the storage dtype.
+
+    The in-memory model then computes with the same values that the written folder holds.
+    """
+    model.set_dtype(STORAGE_DTYPE, predicate=lambda dtype: mx.issubdtype(dtype, mx.floating))
