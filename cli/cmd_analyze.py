@@ -41,9 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_option(parser)
     group = parser.add_argument_group("calibration")
     group.add_argument("--calib", type=Path, metavar="FILE", help="calibration text, plain UTF-8 (required)")
-    group.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help=f"calibration windows (default {DEFAULT_SAMPLES})")
-    group.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help=f"tokens per calibration window (default {DEFAULT_SEQ_LEN})")
-    group.add_argument("--seed", type=int, default=0, help="seed of the window positions and of the random reference model (default 0)")
+    group.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, metavar="N", help=f"calibration windows (default {DEFAULT_SAMPLES})")
+    group.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, metavar="L", help=f"tokens per calibration window (default {DEFAULT_SEQ_LEN})")
+    group.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the window positions and of the random reference model (default 0)")
 
     group = parser.add_argument_group("proxy variant")
     group.add_argument("--reference", choices=REFERENCES, default=defaults.reference,
@@ -53,19 +53,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="centre the projection outputs over tokens and scale each row to unit norm "
                             f"(default {'on' if defaults.normalize else 'off'})")
     group.add_argument("--measure", choices=MEASURES, default=defaults.measure,
-                       help=f"effective rank (compactness shift) or top-k energy gain (default {defaults.measure})")
-    group.add_argument("--top-k", type=int, default=defaults.top_k, help=f"directions counted by the energy measure (default {defaults.top_k})")
+                       help="effective rank or top-k energy of the projection outputs, compared with the reference "
+                            f"when there is one (default {defaults.measure})")
+    group.add_argument("--top-k", type=int, default=defaults.top_k, metavar="K", help=f"directions counted by the energy measure (default {defaults.top_k})")
     group.add_argument("--projections", default=None, metavar="SET",
                        help="projections averaged into a layer score: all, qkv, attention, mlp or names such as "
-                            "q_proj,o_proj (default: the best-measured set, see docs/analysis.md)")
+                            f"q_proj,o_proj (default {','.join(defaults.projections)})")
     group.add_argument("--decomposition", choices=("eigvalsh", "svd"), default=defaults.decomposition,
                        help=f"how singular values are computed (default {defaults.decomposition})")
 
     group = parser.add_argument_group("saliency check")
     group.add_argument("--saliency", action="store_true", help="measure the perplexity increase of skipping each layer and its Spearman correlation with the scores")
     group.add_argument("--data", type=Path, metavar="FILE", help="text scored for saliency (plain UTF-8)")
-    group.add_argument("--windows", type=int, default=5, help="consecutive saliency windows from the start of --data (default 5)")
-    group.add_argument("--saliency-seq-len", type=int, default=512, help="tokens per saliency window (default 512)")
+    group.add_argument("--windows", type=int, default=5, metavar="N", help="consecutive saliency windows from the start of --data (default 5)")
+    group.add_argument("--saliency-seq-len", type=int, default=512, metavar="L", help="tokens per saliency window (default 512)")
     group.add_argument("--saliency-from", type=Path, metavar="FILE",
                        help="reuse the saliency stored in a JSON file (a scores file written with --saliency, "
                             "or a saliency cache of benchmarks/proxy_variants.py) instead of measuring it")

@@ -90,8 +90,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
     interactive = args.prompt is None and sys.stdin.isatty()
     prompt = args.prompt
     if not interactive and prompt is None:
-        prompt = sys.stdin.read()
-        if not prompt.strip():
+        # Strip the newline that echo and editors end piped text with: the model answers it.
+        prompt = sys.stdin.read().strip()
+        if not prompt:
             raise LieqError("standard input is empty; pipe a prompt in or pass --prompt TEXT")
 
     with console.status(f"loading {args.model}"):
@@ -173,6 +174,10 @@ def repl(session: chat.ChatSession, console: Console) -> int:
                 stream_reply(session, text, console, show_stats=True)
             except chat.PromptTooLongError as error:
                 print_error(console, str(error))
+            except KeyboardInterrupt:
+                # Ctrl-C just before or after the reply's SIGINT handler was installed.
+                sys.stdout.write("\n")
+                console.print("[yellow]reply stopped by Ctrl-C[/yellow]")
     finally:
         save_history(history_path)
 

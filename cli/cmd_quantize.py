@@ -9,7 +9,7 @@ from rich.table import Table
 from lieq_mlx.errors import BudgetError
 from lieq_mlx.pipeline import COUNTS, DEFAULT_EMBED_BITS, QuantizeSettings
 from lieq_mlx.allocation import POLICIES
-from lieq_mlx.quantize import DISTORTIONS
+from lieq_mlx.quantize import DISTORTIONS, ROUNDINGS
 from lieq_mlx_cli.console import bit_strip
 from lieq_mlx_cli.options import add_model_option
 from lieq_mlx_cli.quantize_flow import describe_settings, run_quantize
@@ -43,6 +43,9 @@ def add_arguments(parser) -> None:
                         help=f"bits of the token embedding and output head; 16 keeps them unquantized (default: {DEFAULT_EMBED_BITS})")
     parser.add_argument("--distortion", choices=DISTORTIONS, default="output",
                         help="layer error used by the lieq policy: output (on calibration inputs, default) or weight")
+    parser.add_argument("--rounding", choices=ROUNDINGS, default="gptq",
+                        help="gptq (error-compensating, uses the calibration text; default) or nearest "
+                        "(round to nearest after a per-group clipping search; needs no data)")
     parser.add_argument("--scores", type=Path, metavar="FILE", help="reuse layer scores from `lieq-mlx analyze --json FILE`")
     parser.add_argument("--calib", type=Path, metavar="FILE", help="calibration text (default: text sampled from the model itself)")
     parser.add_argument("--samples", type=int, default=8, help="calibration windows (default: 8)")
@@ -60,6 +63,7 @@ def settings_from_args(args) -> QuantizeSettings:
         group_size=args.group_size,
         embed_bits=args.embed_bits,
         distortion=args.distortion,
+        rounding=args.rounding,
         seed=args.seed,
     )
 

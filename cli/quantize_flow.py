@@ -12,7 +12,7 @@ from lieq_mlx.allocation import format_widths
 from lieq_mlx.atomic import check_destination
 from lieq_mlx.calibration import calibration_windows
 from lieq_mlx.models import cast_floats, load_model, resolve_model
-from lieq_mlx.pipeline import QuantizeResult, QuantizeSettings, make_record, needs_scores, quantize_model
+from lieq_mlx.pipeline import QuantizeResult, QuantizeSettings, make_record, needs_calibration, needs_scores, quantize_model
 from lieq_mlx.platform import compute_dtype
 from lieq_mlx.writer import folder_size_bytes, write_quantized_model
 from lieq_mlx_cli.console import StageProgress, progress_bar
@@ -56,9 +56,7 @@ def run_quantize(
         model, tokenizer = load_model(source_dir)
     seconds["load"] = time.perf_counter() - start
 
-    need_calibration = (needs_scores(settings.policy) and scores_path is None) or (
-        settings.policy == "lieq" and settings.distortion == "output"
-    )
+    need_calibration = (needs_scores(settings.policy) and scores_path is None) or needs_calibration(settings)
     windows, calibration = None, None
     if need_calibration:
         start = time.perf_counter()
@@ -109,5 +107,5 @@ def describe_settings(settings: QuantizeSettings) -> str:
     return (
         f"policy {settings.policy}, widths {format_widths(settings.resolved_widths())}, "
         f"target {settings.target_bits:g} {settings.count} bits, group size {settings.group_size}, "
-        f"embeddings {settings.embed_bits} bits"
+        f"embeddings {settings.embed_bits} bits, {settings.rounding} rounding"
     )

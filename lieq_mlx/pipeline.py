@@ -24,9 +24,9 @@ from lieq_mlx.allocation import (
 from lieq_mlx.errors import BudgetError
 from lieq_mlx.quantize import (
     DISTORTIONS,
+    ROUNDINGS,
     apply_allocation,
     build_accounting,
-    output_distortion,
     quantize_candidates,
     quantize_embeddings,
     round_to_storage,
@@ -52,6 +52,7 @@ class QuantizeSettings:
     embed_bits: int = DEFAULT_EMBED_BITS
     embed_group_size: int = 64
     distortion: str = "output"
+    rounding: str = "gptq"
     seed: int = 0
 
     def resolved_widths(self) -> tuple[int, ...]:
@@ -79,6 +80,8 @@ class QuantizeSettings:
             raise BudgetError(f"--embed-bits {self.embed_bits} is invalid; choose 2, 3, 4, 5, 6, 8 or 16 (unquantized)")
         if self.embed_bits == 1:
             raise BudgetError("--embed-bits 1 is invalid; choose 2, 3, 4, 5, 6, 8 or 16 (unquantized)")
+        if self.rounding not in ROUNDINGS:
+            raise BudgetError(f"--rounding {self.rounding!r} is invalid; choose gptq or nearest")
         if self.distortion not in DISTORTIONS:
             raise BudgetError(f"--distortion {self.distortion!r} is invalid; choose weight or output")
 
@@ -96,6 +99,11 @@ class QuantizeResult:
 
 def needs_scores(policy: str) -> bool:
     return policy in ("lieq", "paper")
+
+
+def needs_calibration(settings: QuantizeSettings) -> bool:
+    """True when GPTQ rounding or the output distortion of `lieq` needs calibration windows."""
+    return settings.rounding == "gptq" or (settings.policy == "lieq" and settings.distortion == "output")
 
 
 def budget_range(model: nn.Module, settings: QuantizeSettings) -> tuple[float, float]:
@@ -128,18 +136,19 @@ def quantize_model(
         if len(scores) != num_layers:
             raise BudgetError(f"{len(scores)} scores given for a model with {num_layers} decoder layers")
 
+    if needs_calibration(settings) and calibration is None:
+        raise BudgetError(f"{settings.rounding} rounding and the {settings.distortion} distortion need calibration windows")
+
     start = time.perf_counter()
     report = (lambda done, total: progress("quantizing candidates", done, total)) if progress else None
-    candidates = quantize_candidates(model, widths, settings.group_size, report)
+    candidates = quantize_candidates(model, widths, settings.group_size, calibration, settings.rounding, report)
     seconds["quantize"] = time.perf_counter() - start
 
     distortion = None
     start = time.perf_counter()
     if settings.policy == "lieq":
         if settings.distortion == "output":
-            if calibration is None:
-                raise BudgetError("the output distortion needs calibration windows")
-            distortion = output_distortion(model, candidates, calibration)
+            distortion = candidates.output_error
         else:
             distortion = weight_distortion(model, candidates)
         allocation = allocate_lieq(accounting, scores, distortion, widths, cap)

@@ -16,6 +16,7 @@ import numpy as np
 
 from lieq_mlx.allocation import BitAccounting
 from lieq_mlx.analysis.model_parts import PROJECTIONS, decoder_parts, projection, projection_parent
+from lieq_mlx.gptq import gptq_quantize, inverse_hessian_factor
 from lieq_mlx.quantizers import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, quantize_weight
 
 DISTORTIONS = ("weight", "output")
@@ -42,6 +43,7 @@ class LayerCandidates:
     widths: tuple[int, ...]
     group_size: int
     weights: list[dict[int, dict[str, QuantizedWeight]]] = field(default_factory=list)
+    output_error: np.ndarray | None = None  # (layers, widths), when calibration was given
 
 
 def linear_weight(module: nn.Module) -> mx.array:
@@ -92,29 +94,92 @@ def build_accounting(model: nn.Module, group_size: int, embed_bits: int, embed_g
     )
 
 
-def quantize_candidates(
-    model: nn.Module,
-    widths,
-    group_size: int,
-    progress: Callable[[int, int], None] | None = None,
-) -> LayerCandidates:
-    """Quantize every projection of every decoder layer at each width in `widths`."""
+# Projections that read the same input activations, and so share one GPTQ Hessian.
+INPUT_SHARING = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+ROUNDINGS = ("gptq", "nearest")
+
+
+def _check(widths, group_size) -> None:
     for bits in widths:
         if bits not in SUPPORTED_BITS:
             raise ValueError(f"width {bits} is not supported")
     if group_size not in SUPPORTED_GROUP_SIZES:
         raise ValueError(f"group size {group_size} is not supported")
+
+
+def _quantize_layer(layer: nn.Module, widths, group_size: int, inputs: dict | None, rounding: str):
+    """Quantize one decoder layer's projections at every width; return {bits: {name: QuantizedWeight}}."""
+    per_width = {bits: {} for bits in widths}
+    for names in INPUT_SHARING:
+        weights = {name: linear_weight(projection(layer, name)).astype(mx.float32) for name in names}
+        if rounding == "gptq":
+            x = np.asarray(inputs[names[0]], dtype=np.float64)  # (tokens, in_features)
+            factor, dead = inverse_hessian_factor(x.T @ x)
+            jobs = [(weights[name], bits) for bits in widths for name in names]
+            results = iter(gptq_quantize(jobs, factor, dead, group_size, STORAGE_DTYPE))
+            for bits in widths:
+                for name in names:
+                    per_width[bits][name] = QuantizedWeight(*next(results), bits, group_size)
+        else:
+            for bits in widths:
+                for name in names:
+                    packed, scales, biases = quantize_weight(weights[name], bits, group_size, STORAGE_DTYPE)
+                    per_width[bits][name] = QuantizedWeight(packed, scales, biases, bits, group_size)
+    return per_width
+
+
+def _output_errors(layer: nn.Module, per_width: dict, inputs: dict, widths) -> list[float]:
+    """Return the layer's relative output error at each width on the captured inputs.
+
+    For each projection P with inputs X: ||X (W - W_hat)^T||^2, summed over the layer's
+    projections and divided by the layer's sum of ||X W^T||^2.
+    """
+    originals = {name: linear_weight(projection(layer, name)).astype(mx.float32) for name in PROJECTIONS}
+    reference = sum(((inputs[name] @ w.T) ** 2).sum().item() for name, w in originals.items())
+    errors = []
+    for bits in widths:
+        total = 0.0
+        for name, original in originals.items():
+            delta = per_width[bits][name].dequantized().astype(mx.float32) - original
+            total += ((inputs[name] @ delta.T) ** 2).sum().item()  # (tokens, out) summed
+        errors.append(total / reference)
+    return errors
+
+
+def quantize_candidates(
+    model: nn.Module,
+    widths,
+    group_size: int,
+    calibration: mx.array | None = None,
+    rounding: str = "gptq",
+    progress: Callable[[int, int], None] | None = None,
+) -> LayerCandidates:
+    """Quantize every projection of every decoder layer at each width in `widths`.
+
+    With `calibration` windows (N, L), one pass captures each layer's inputs, which feed
+    GPTQ (when `rounding` is gptq) and the layer's output error at each width
+    (`candidates.output_error`). Without them, rounding is to nearest after the clipping
+    search and only weight errors can be measured.
+    """
+    from lieq_mlx.analysis.capture import capture_layer_inputs
+
+    _check(widths, group_size)
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding {rounding!r} is invalid; use gptq or nearest")
+    if rounding == "gptq" and calibration is None:
+        raise ValueError("GPTQ rounding needs calibration windows")
     _, layers, _ = decoder_parts(model)
     candidates = LayerCandidates(widths=tuple(sorted(widths)), group_size=group_size)
-    for index, layer in enumerate(layers):
-        per_width = {}
-        for bits in candidates.widths:
-            per_width[bits] = {}
-            for name in PROJECTIONS:
-                weight = linear_weight(projection(layer, name)).astype(mx.float32)
-                packed, scales, biases = quantize_weight(weight, bits, group_size, STORAGE_DTYPE)
-                mx.eval(packed, scales, biases)
-                per_width[bits][name] = QuantizedWeight(packed, scales, biases, bits, group_size)
+    if calibration is None:
+        steps = ((index, None) for index in range(len(layers)))
+    else:
+        steps = capture_layer_inputs(model, calibration)
+        candidates.output_error = np.zeros((len(layers), len(candidates.widths)))
+    for index, inputs in steps:
+        per_width = _quantize_layer(layers[index], candidates.widths, group_size, inputs, rounding)
+        mx.eval([q.weight for by_name in per_width.values() for q in by_name.values()])
+        if inputs is not None:
+            candidates.output_error[index] = _output_errors(layers[index], per_width, inputs, candidates.widths)
         candidates.weights.append(per_width)
         if progress:
             progress(index + 1, len(layers))
@@ -133,29 +198,6 @@ def weight_distortion(model: nn.Module, candidates: LayerCandidates) -> np.ndarr
             for name, original in originals.items():
                 restored = candidates.weights[index][bits][name].dequantized().astype(mx.float32)
                 error += ((restored - original) ** 2).sum().item()
-            table[index, j] = error / reference
-    return table
-
-
-def output_distortion(model: nn.Module, candidates: LayerCandidates, windows: mx.array) -> np.ndarray:
-    """Return D[l, j]: layer l's relative output error on calibration `windows`.
-
-    For each projection P with captured inputs X: ||X (W - W_hat)^T||^2, summed over the
-    layer's projections and divided by the layer's sum of ||X W^T||^2.
-    """
-    from lieq_mlx.analysis.capture import capture_layer_inputs
-
-    _, layers, _ = decoder_parts(model)
-    table = np.zeros((len(layers), len(candidates.widths)))
-    for index, inputs in capture_layer_inputs(model, windows):
-        layer = layers[index]
-        originals = {name: linear_weight(projection(layer, name)).astype(mx.float32) for name in PROJECTIONS}
-        reference = sum(((inputs[name] @ w.T) ** 2).sum().item() for name, w in originals.items())
-        for j, bits in enumerate(candidates.widths):
-            error = 0.0
-            for name, original in originals.items():
-                delta = candidates.weights[index][bits][name].dequantized().astype(mx.float32) - original
-                error += ((inputs[name] @ delta.T) ** 2).sum().item()  # (tokens, out) summed
             table[index, j] = error / reference
     return table
 

@@ -29,7 +29,7 @@ REFINE_STEPS = 2
 
 def pack_codes(codes: np.ndarray, bits: int) -> mx.array:
     """Pack integer codes (rows, K) into uint32 words as MLX does (a little-endian bit stream)."""
-    codes = np.asarray(codes, dtype=np.uint32)
+    codes = np.ascontiguousarray(codes, dtype=np.uint32)
     rows, columns = codes.shape
     if (columns * bits) % 32:
         raise ValueError(f"{columns} codes of {bits} bits do not fill whole uint32 words")
@@ -46,7 +46,7 @@ def _groups(weight: mx.array, group_size: int) -> np.ndarray:
     return np.asarray(weight.astype(mx.float32)).reshape(rows * columns // group_size, group_size)  # (groups, g)
 
 
-def _round_codes(groups: np.ndarray, scales: np.ndarray, biases: np.ndarray, levels: int) -> np.ndarray:
+def round_codes(groups: np.ndarray, scales: np.ndarray, biases: np.ndarray, levels: int) -> np.ndarray:
     safe = np.where(scales > 0, scales, 1.0).astype(np.float32)
     return np.clip(np.round((groups - biases) / safe), 0, levels)  # (groups, g)
 
@@ -71,12 +71,8 @@ def _refit(groups: np.ndarray, codes: np.ndarray, scales: np.ndarray, biases: np
     return np.where(ok, new_scales, scales), np.where(ok, new_biases, biases)
 
 
-def fit_clipped(
-    weight: mx.array, bits: int, group_size: int = 64, storage_dtype: mx.Dtype = mx.float16
-) -> tuple[mx.array, mx.array, mx.array]:
-    """Quantize `weight` (out, in) to `bits` (2 to 8) with a per-group clipping search."""
-    rows, columns = weight.shape
-    groups = _groups(weight, group_size)
+def clipped_params(groups: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return per-group (scales, biases), each (groups, 1), from the clipping search and refits."""
     levels = 2**bits - 1
     low = groups.min(axis=1, keepdims=True)
     high = groups.max(axis=1, keepdims=True)
@@ -87,30 +83,26 @@ def fit_clipped(
     for factor in CLIP_GRID:
         trial_scales = np.maximum((high - low) * np.float32(factor / levels), np.float32(1e-12))
         trial_biases = low * np.float32(factor)
-        error = _squared_error(groups, _round_codes(groups, trial_scales, trial_biases, levels), trial_scales, trial_biases)
+        error = _squared_error(groups, round_codes(groups, trial_scales, trial_biases, levels), trial_scales, trial_biases)
         better = error < best_error
         best_error = np.where(better, error, best_error)
         scales = np.where(better, trial_scales, scales)
         biases = np.where(better, trial_biases, biases)
 
-    codes = _round_codes(groups, scales, biases, levels)
+    codes = round_codes(groups, scales, biases, levels)
     for _ in range(REFINE_STEPS):
         new_scales, new_biases = _refit(groups, codes, scales, biases)
-        new_codes = _round_codes(groups, new_scales, new_biases, levels)
+        new_codes = round_codes(groups, new_scales, new_biases, levels)
         better = _squared_error(groups, new_codes, new_scales, new_biases) < _squared_error(groups, codes, scales, biases)
         scales = np.where(better, new_scales, scales)
         biases = np.where(better, new_biases, biases)
         codes = np.where(better, new_codes, codes)
-    return _finish(groups, scales, biases, rows, columns, bits, storage_dtype)
+    return scales, biases
 
 
-def fit_two_level(
-    weight: mx.array, group_size: int = 64, storage_dtype: mx.Dtype = mx.float16
-) -> tuple[mx.array, mx.array, mx.array]:
-    """Quantize `weight` (out, in) to 1 bit with the least-squares two-level fit of each group."""
-    rows, columns = weight.shape
-    groups = _groups(weight, group_size)
-    n = group_size
+def two_level_params(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return per-group (scales, biases) of the least-squares two-level fit: high - low and low."""
+    n = groups.shape[1]
     ordered = np.sort(groups, axis=1).astype(np.float64)  # (groups, g)
     prefix = np.cumsum(ordered, axis=1)[:, :-1]  # sums of the lowest s values, s = 1..g-1
     total = ordered.sum(axis=1, keepdims=True)
@@ -122,14 +114,44 @@ def fit_two_level(
     low_count = split + 1.0
     low = low_sum / low_count
     high = (total - low_sum) / (n - low_count)
-    return _finish(groups, (high - low).astype(np.float32), low.astype(np.float32), rows, columns, 1, storage_dtype)
+    return (high - low).astype(np.float32), low.astype(np.float32)
+
+
+def group_params(groups: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return per-group (scales, biases) of the best fit for `bits`, before storage rounding."""
+    return two_level_params(groups) if bits == 1 else clipped_params(groups, bits)
+
+
+def to_storage(values: np.ndarray, storage_dtype: mx.Dtype) -> np.ndarray:
+    """Round float32 values through `storage_dtype`, as they will be stored."""
+    return np.asarray(mx.array(values).astype(storage_dtype).astype(mx.float32))
+
+
+def fit_clipped(
+    weight: mx.array, bits: int, group_size: int = 64, storage_dtype: mx.Dtype = mx.float16
+) -> tuple[mx.array, mx.array, mx.array]:
+    """Quantize `weight` (out, in) to `bits` (2 to 8) with a per-group clipping search."""
+    rows, columns = weight.shape
+    groups = _groups(weight, group_size)
+    scales, biases = clipped_params(groups, bits)
+    return _finish(groups, scales, biases, rows, columns, bits, storage_dtype)
+
+
+def fit_two_level(
+    weight: mx.array, group_size: int = 64, storage_dtype: mx.Dtype = mx.float16
+) -> tuple[mx.array, mx.array, mx.array]:
+    """Quantize `weight` (out, in) to 1 bit with the least-squares two-level fit of each group."""
+    rows, columns = weight.shape
+    groups = _groups(weight, group_size)
+    scales, biases = two_level_params(groups)
+    return _finish(groups, scales, biases, rows, columns, 1, storage_dtype)
 
 
 def _finish(groups, scales, biases, rows, columns, bits, storage_dtype):
     """Round scales and biases to the storage dtype, pick the codes against them and pack."""
-    scales = np.asarray(mx.array(scales).astype(storage_dtype).astype(mx.float32))
-    biases = np.asarray(mx.array(biases).astype(storage_dtype).astype(mx.float32))
-    codes = _round_codes(groups, scales, biases, 2**bits - 1)
+    scales = to_storage(scales, storage_dtype)
+    biases = to_storage(biases, storage_dtype)
+    codes = round_codes(groups, scales, biases, 2**bits - 1)
     packed = pack_codes(codes.reshape(rows, columns).astype(np.uint32), bits)  # (rows, in * bits / 32)
     groups_per_row = columns // groups.shape[1]
     return (

@@ -43,9 +43,18 @@ def windows(demo_model, calib_text_path):
     return sample_windows(tokens, SEQ_LEN, SAMPLES, seed=0)
 
 
+# A variant with a reference, so that shifts and energy gains are measured.
+SHIFT_OPTIONS = AnalysisOptions(reference="random-model", normalize=True, measure="rank", projections=PROJECTIONS)
+
+
 @pytest.fixture(scope="module")
 def result(model, windows):
     return analyze(model, windows, AnalysisOptions(), model_name="demo")
+
+
+@pytest.fixture(scope="module")
+def spectra(model, windows):
+    return collect_spectra(model, windows, references=("trained-inputs", "random-model"), normalize=(False, True))
 
 
 def test_capture_shapes_and_sharing(model, windows):
@@ -96,19 +105,23 @@ def test_scores_deterministic_for_seed(result, model, windows):
     np.testing.assert_allclose(again.scores, result.scores, rtol=0, atol=1e-9)
 
 
-def test_trained_shift_positive(result):
+def test_trained_shift_positive(spectra):
     # Training concentrates energy: the trained outputs are more compact than random ones.
-    shifts = [stats.shift for layer in result.layers for stats in layer.projections.values()]
-    assert np.mean(shifts) > 0.1
+    for reference in ("trained-inputs", "random-model"):
+        for normalize in (False, True):
+            options = AnalysisOptions(reference=reference, normalize=normalize, measure="rank", projections=PROJECTIONS)
+            shifts = [stats.shift for layer in spectra.score_layers(options) for stats in layer.projections.values()]
+            assert np.mean(shifts) > 0.1, (reference, normalize)
 
 
 @pytest.mark.parametrize("reference", ["trained-inputs", "random-model"])
-def test_random_vs_random_shift_near_zero(model, windows, reference, result):
+def test_random_vs_random_shift_near_zero(model, windows, reference, spectra):
     subject = random_model(model, seed=1)
     other = random_model(model, seed=2)
-    check = analyze(subject, windows, AnalysisOptions(reference=reference), reference=other)
+    options = AnalysisOptions(reference=reference, normalize=True, measure="rank", projections=PROJECTIONS)
+    check = analyze(subject, windows, options, reference=other)
     shifts = np.array([stats.shift for layer in check.layers for stats in layer.projections.values()])
-    trained = np.array([stats.shift for layer in result.layers for stats in layer.projections.values()])
+    trained = np.array([stats.shift for layer in spectra.score_layers(options) for stats in layer.projections.values()])
     assert abs(shifts.mean()) < 0.05
     assert abs(shifts.mean()) < 0.2 * abs(trained.mean())
     assert np.abs(shifts).max() < 0.25
@@ -147,8 +160,7 @@ def test_spectrum_extremes():
     assert np.allclose(np.linalg.norm(np.asarray(normalized), axis=1), 1.0, atol=1e-5)
 
 
-def test_variants_from_one_pass(model, windows, result):
-    spectra = collect_spectra(model, windows, references=("trained-inputs", "random-model"), normalize=(False, True))
+def test_variants_from_one_pass(spectra, result):
     same = spectra.score_layers(AnalysisOptions())
     np.testing.assert_allclose([layer.score for layer in same], result.scores, atol=1e-9)
     none = spectra.score_layers(AnalysisOptions(reference="none", measure="rank"))
@@ -159,7 +171,7 @@ def test_variants_from_one_pass(model, windows, result):
     energy = spectra.score_layers(AnalysisOptions(reference="trained-inputs", normalize=True, measure="energy", top_k=4))
     gains = [stats.energy_gain for layer in energy for stats in layer.projections.values()]
     assert all(-1.0 <= gain <= 1.0 for gain in gains)
-    mlp_only = spectra.score_layers(AnalysisOptions(projections=parse_projections("mlp")))
+    mlp_only = spectra.score_layers(AnalysisOptions(reference="random-model", measure="rank", projections=parse_projections("mlp")))
     expected = np.mean([mlp_only[5].projections[n].shift for n in ("gate_proj", "up_proj", "down_proj")])
     assert mlp_only[5].score == pytest.approx(expected)
 
@@ -265,6 +277,18 @@ def test_cli_analyze_end_to_end(calib_text_path, test_text_path, tmp_path, monke
     assert loaded.saliency is not None
     assert math.isfinite(json.loads(scores.read_text())["spearman"])
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # A second run reuses the stored saliency; the same seed gives the same scores.
+    again = tmp_path / "again.json"
+    code = _run_cli(
+        ["analyze", "--calib", str(calib_text_path), "--samples", "2", "--seq-len", "32",
+         "--saliency-from", str(scores), "--json", str(again)],
+        monkeypatch,
+    )
+    assert code == 0
+    reloaded = load_scores(again)
+    assert reloaded.saliency == loaded.saliency
+    assert reloaded.spearman == pytest.approx(loaded.spearman)
 
 
 def test_cli_errors(calib_text_path, tmp_path, monkeypatch, capsys):

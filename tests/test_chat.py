@@ -30,6 +30,13 @@ from lieq_mlx_cli.chat_input import read_message
 
 NAME_INTRO = "Hi, my name is Sarah. Nice to meet you."
 NAME_QUESTION = "What is my name?"
+# Runs a command as the session leader of a new session (start_new_session) after making
+# its standard input the controlling terminal, so that Ctrl-C typed there sends SIGINT. It
+# runs in the child after exec: a preexec_fn can deadlock in a parent that has threads.
+TAKE_TERMINAL = (
+    "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
 EXPECT_TIMEOUT = 90.0
 
@@ -185,14 +192,13 @@ class Terminal:
         master, slave = os.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
         self.process = subprocess.Popen(
-            command,
+            [sys.executable, "-c", TAKE_TERMINAL, *command],
             stdin=slave,
             stdout=slave,
             stderr=slave,
             env=env,
             cwd=Path(__file__).resolve().parents[1],
             start_new_session=True,
-            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
         )
         os.close(slave)
         self.master = master
@@ -229,9 +235,14 @@ class Terminal:
     def send(self, text: str) -> None:
         os.write(self.master, text.encode())
 
+    def type_line(self, line: str) -> None:
+        """Wait for the input prompt, then type `line` and Enter."""
+        self.expect(">>> ")
+        self.send(line + "\r")
+
     def ask(self, line: str) -> str:
         """Type one line and return the reply printed before the statistics line."""
-        self.send(line + "\r")
+        self.type_line(line)
         match = self.expect(re.escape(line) + r"\n(.*?)\n\d+ tokens at [\d.]+ tokens/s generation")
         return match.group(1)
 
@@ -257,7 +268,7 @@ def terminal(cli_env):
     def start(*options: str) -> Terminal:
         term = Terminal(chat_command(*options), cli_env)
         started.append(term)
-        term.expect(r"Type /help")
+        term.expect(r"Type /help.*?\n")
         return term
 
     yield start
@@ -276,14 +287,15 @@ def test_repl_remembers_then_reset_forgets(terminal, cli_env):
     term.ask(NAME_INTRO)
     assert "Sarah" in term.ask(NAME_QUESTION)
 
-    term.send("/stats\r")
+    term.type_line("/stats")
     term.expect(r"prefill tokens \(not in the prompt cache\)")
     term.expect(r"peak memory \(MB")
 
-    term.send("/reset\r")
+    term.type_line("/reset")
     term.expect("conversation cleared")
     assert "Sarah" not in term.ask(NAME_QUESTION)
 
+    term.expect(">>> ")
     term.send("\x04")  # Ctrl-D at an empty prompt
     assert term.wait() == 0
     history = (Path(cli_env["LIEQ_MLX_CACHE"]) / "chat_history").read_text()
@@ -293,23 +305,25 @@ def test_repl_remembers_then_reset_forgets(terminal, cli_env):
 def test_repl_system_command_changes_reply(terminal):
     term = terminal("--max-tokens", "12")
     assert "Bonjour" not in term.ask("Hello!")
-    term.send("/reset\r")
+    term.type_line("/reset")
     term.expect("conversation cleared")
-    term.send("/system Always answer in French.\r")
+    term.type_line("/system Always answer in French.")
     term.expect("system prompt set")
     assert "Bonjour" in term.ask("Hello!")
-    term.send("/quit\r")
+    term.type_line("/quit")
     assert term.wait() == 0
 
 
 def test_repl_ctrl_c_stops_reply_keeps_session(terminal):
     term = terminal("--max-tokens", "2000")
-    term.send("Write a long story about a dragon.\r")
-    term.expect(r"dragon\.\n\S+ \S+ \S+ \S+")  # a few words of the reply have streamed
+    term.type_line("Write a long story about a dragon.")
+    term.expect(r"dragon\.\n")
+    term.expect(r"\S+ \S+ \S+ \S+")  # a few words of the reply have streamed
     term.send("\x03")
     term.expect("reply stopped by Ctrl-C")
     assert "Paris" in term.ask("What is the capital of France?")
 
+    term.expect(">>> ")
     term.send("\x03")  # Ctrl-C at the prompt leaves
     assert term.wait() == 0
 

@@ -62,8 +62,8 @@ def _low_bit(*layers: object) -> bool:
 
 def compare_layer_kernels(model: nn.Module, repeats: int = KERNEL_REPEATS) -> list[KernelTiming]:
     """Time each 1- or 2-bit projection group of each decoder layer, kernel against built-in."""
-    # NOTE: written against the lieq_mlx.kernels API but not yet run on a Mac; tests on
-    # Linux only cover models without 1- or 2-bit layers, where nothing is timed.
+    # NOTE: this has not run on a Mac yet. Tests on Linux only cover models without 1- or
+    # 2-bit layers, where nothing is timed.
     timings = []
     for index, layer in enumerate(model.layers):
         attention = getattr(layer, "self_attn", None)
