@@ -23,8 +23,16 @@ openblas:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas0-pthread; \
 	fi
 
+# When the WikiText-2 files sit beside the repository (as in CI), the demo calibrates on
+# the validation split and reports perplexity on the test split. Otherwise the model
+# calibrates on text it samples itself and perplexity is skipped.
+SHARED_DATA ?= ../shared/data
+CALIB := $(SHARED_DATA)/wikitext-2-valid/valid.txt
+SCORED := $(SHARED_DATA)/wikitext-2-raw/wiki.test.raw
+DEMO_ARGS ?= $(if $(wildcard $(CALIB)),--calib $(CALIB)) $(if $(wildcard $(SCORED)),--data $(SCORED))
+
 demo: setup
-	$(BIN)/lieq-mlx demo
+	$(BIN)/lieq-mlx demo $(DEMO_ARGS)
 
 # The test process preloads OpenBLAS itself (as the lieq-mlx command does when it starts).
 test: setup

@@ -88,6 +88,25 @@ def random_vs_random(model, windows, seeds: tuple[int, int]) -> dict:
     return record
 
 
+def seed_stability(model, tokens, args, saliency: SaliencyResult, seeds: list[int]) -> list[dict]:
+    """Spearman of the leading variants for other calibration seeds (other windows and random model)."""
+    candidates = {
+        "none, normalized, energy k=8, mlp": AnalysisOptions(reference="none", normalize=True, measure="energy", top_k=8, projections=SETS["mlp"]),
+        "none, normalized, energy k=8, all": AnalysisOptions(reference="none", normalize=True, measure="energy", top_k=8, projections=SETS["all"]),
+        "random-model, normalized, energy k=8, all": AnalysisOptions(reference="random-model", normalize=True, measure="energy", top_k=8, projections=SETS["all"]),
+        "random-model, normalized, rank, all": AnalysisOptions(reference="random-model", normalize=True, measure="rank", projections=SETS["all"]),
+    }
+    rows = []
+    for seed in seeds:
+        windows = sample_windows(tokens, args.calib_seq_len, args.samples, seed, source=str(args.calib))
+        spectra = collect_spectra(model, windows, references=("random-model",), normalize=(True,), seed=seed)
+        for name, options in candidates.items():
+            scores = [layer.score for layer in spectra.score_layers(options)]
+            rows.append({"seed": seed, "variant": name, "spearman": spearman(scores, saliency.increase)})
+            print(f"seed {seed}: {name}: Spearman {rows[-1]['spearman']:+.3f}")
+    return rows
+
+
 def markdown_table(rows: list[dict]) -> str:
     """Lay the Spearman values out as one row per variant and one column per projection set."""
     header = "| reference | normalize | measure | " + " | ".join(SETS) + " |"
@@ -113,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="seed of windows and random reference")
     parser.add_argument("--top-k", type=int, nargs="+", default=[8, 32], help="k values of the energy measure")
+    parser.add_argument("--stability-seeds", type=int, nargs="*", default=[],
+                        help="also score the leading variants with these calibration seeds")
+    parser.add_argument("--stability-only", action="store_true", help="skip the full variant grid")
     parser.add_argument("--out", type=Path, help="JSON file for every variant's Spearman and scores")
     args = parser.parse_args(argv)
 
@@ -126,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--calib and --out are needed unless --saliency-only is given")
 
     tokens = tokenize(tokenizer, read_text(args.calib))
+    if args.stability_only:
+        rows = seed_stability(model, tokens, args, saliency, args.stability_seeds)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"calibration": {"source": args.calib.name, "samples": args.samples,
+                                                        "seq_len": args.calib_seq_len}, "stability": rows}, indent=1) + "\n")
+        return 0
     windows = sample_windows(tokens, args.calib_seq_len, args.samples, args.seed, source=str(args.calib))
     start = time.perf_counter()
     spectra = collect_spectra(

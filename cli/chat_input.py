@@ -8,6 +8,9 @@ A message spans several lines in two ways:
 
 from __future__ import annotations
 
+import queue
+import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -21,10 +24,6 @@ BLOCK_QUOTE = '"""'
 CONTINUATION_PROMPT = "... "
 
 ReadLine = Callable[[str], str]
-
-
-class InputCancelled(Exception):
-    """Ctrl-C at a continuation prompt: the partly typed message is dropped."""
 
 
 def load_history(path: Path) -> None:
@@ -53,21 +52,68 @@ def save_history(path: Path) -> None:
 def read_message(read_line: ReadLine, prompt: str) -> str:
     """Read one message, joining continued lines and quoted blocks with newlines.
 
-    Raises EOFError at end of input and KeyboardInterrupt for Ctrl-C at the first prompt.
-    Ctrl-C at a continuation prompt raises `InputCancelled`.
+    Raises EOFError at end of input.
     """
     line = read_line(prompt)
+    if line.lstrip().startswith(BLOCK_QUOTE):
+        return _read_block(read_line, line.lstrip()[len(BLOCK_QUOTE):])
+    parts = []
+    while line.endswith("\\"):
+        parts.append(line[:-1])
+        line = read_line(CONTINUATION_PROMPT)
+    parts.append(line)
+    return "\n".join(parts)
+
+
+def read_message_interruptible(prompt: str) -> str:
+    """Read one message with `input` on a helper thread; Ctrl-C raises KeyboardInterrupt here.
+
+    The kernel may deliver SIGINT to any thread of the process (MLX and OpenBLAS start
+    several), and then readline's wait for a key in the main thread is never interrupted.
+    The main thread therefore only waits on a queue, with a timeout, and Python raises
+    KeyboardInterrupt there whichever thread received the signal. After a Ctrl-C the helper
+    thread stays blocked in readline, so the caller must leave, after `restore_terminal`.
+    Raises EOFError at end of input.
+    """
+    results: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        try:
+            results.put((True, read_message(input, prompt)))
+        except BaseException as error:  # passed on to the main thread
+            results.put((False, error))
+
+    threading.Thread(target=read, name="chat-input", daemon=True).start()
+    while True:
+        try:
+            ok, value = results.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        if ok:
+            return value
+        raise value
+
+
+def save_terminal():
+    """Return the terminal settings of standard input, or None when it is not a terminal."""
     try:
-        if line.lstrip().startswith(BLOCK_QUOTE):
-            return _read_block(read_line, line.lstrip()[len(BLOCK_QUOTE):])
-        parts = []
-        while line.endswith("\\"):
-            parts.append(line[:-1])
-            line = read_line(CONTINUATION_PROMPT)
-        parts.append(line)
-        return "\n".join(parts)
-    except KeyboardInterrupt:
-        raise InputCancelled from None
+        import termios
+
+        return termios.tcgetattr(sys.stdin.fileno())
+    except (ImportError, OSError, ValueError):
+        return None
+
+
+def restore_terminal(settings) -> None:
+    """Restore terminal settings that readline, interrupted mid-line, left changed."""
+    if settings is None:
+        return
+    import termios
+
+    try:
+        termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, settings)
+    except (OSError, termios.error):
+        pass
 
 
 def _read_block(read_line: ReadLine, first: str) -> str:

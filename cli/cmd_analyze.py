@@ -1,9 +1,8 @@
 """`lieq-mlx analyze`: score every decoder layer with the geometry proxy.
 
-Reads calibration text, runs it through the model once, prints a table of per-layer
-scores and a bar chart, and optionally checks the scores against layer-drop saliency
-(perplexity with each layer skipped), writes them as JSON for `quantize --scores`, and
-plots them.
+Reads calibration text, runs it through the model once, and prints a table of per-layer
+scores and a bar chart. Options check the scores against layer-drop saliency (perplexity
+with each layer skipped), write them as JSON for `quantize --scores`, and plot them.
 """
 
 from __future__ import annotations
@@ -217,8 +216,20 @@ def _print_table(console, result) -> None:
         if result.saliency is not None:
             row.append(f"{result.saliency.increase[layer.index]:,.1f}")
         table.add_row(*row)
-    table.caption = "* averaged into the score; dr = (C~ - C) / C~ with C the effective rank of X W^T"
+    table.caption = f"* averaged into the score; {_legend(options)}"
     console.print(table)
+
+
+def _legend(options) -> str:
+    outputs = "X W^T" + (" with rows centred and normalised" if options.normalize else "")
+    if options.measure == "rank":
+        if options.reference == "none":
+            return f"C = effective rank of {outputs}, max_rank = min(tokens, out_features)"
+        return f"dr = (C~ - C) / C~, C = effective rank of {outputs}, C~ of the reference"
+    energy = f"E_{options.top_k} = energy fraction of the {options.top_k} largest singular values of {outputs}"
+    if options.reference == "none":
+        return energy
+    return f"gain = E_{options.top_k} - E~_{options.top_k} of the reference; {energy}"
 
 
 def _print_chart(console, result, width: int = 40) -> None:
@@ -236,8 +247,8 @@ def _print_summary(console, result) -> None:
     lines = [
         f"calibration: {result.calibration['samples']} windows x {result.calibration['seq_len']} tokens "
         f"= {result.calibration['tokens']} tokens from {result.calibration.get('source', '?')}",
-        f"time: {timings.forward_seconds:.1f} s forward passes, {timings.decomposition_seconds:.1f} s decompositions, "
-        f"{timings.reference_seconds:.1f} s building the random reference",
+        f"time: {timings.forward_seconds:.1f} s forward passes, {timings.decomposition_seconds:.1f} s decompositions"
+        + (f", {timings.reference_seconds:.1f} s drawing the random reference model" if timings.reference_seconds else ""),
     ]
     if result.saliency is not None:
         saliency = result.saliency

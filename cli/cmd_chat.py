@@ -1,6 +1,6 @@
 """`lieq-mlx chat`: a local chat REPL, or one reply for scripts with --prompt or piped input.
 
-Reply text streams to standard output with plain writes; the header, notices and the
+Reply text streams to standard output with plain writes. The header, notices and the
 statistics line go to standard error through the rich console. Ctrl-C during a reply stops
 that reply and keeps the session: the partial reply stays in the conversation.
 """
@@ -21,7 +21,13 @@ from lieq_mlx.errors import LieqError
 from lieq_mlx.models import cache_dir, load_model, resolve_model
 from lieq_mlx.platform import compute_dtype, device_name, metal_available
 from lieq_mlx.weight_bits import read_weight_bits
-from lieq_mlx_cli.chat_input import InputCancelled, load_history, read_message, save_history
+from lieq_mlx_cli.chat_input import (
+    load_history,
+    read_message_interruptible,
+    restore_terminal,
+    save_history,
+    save_terminal,
+)
 from lieq_mlx_cli.console import print_error
 from lieq_mlx_cli.options import add_model_option
 
@@ -45,7 +51,7 @@ Input:
   Up and down arrows recall earlier lines; the history is kept in {history}.
 
 Ctrl-C during a reply stops it; the partial reply stays in the conversation.
-Ctrl-C at the prompt leaves; at a continuation prompt it drops the unfinished message.
+Ctrl-C at the prompt, a continuation prompt included, leaves.
 When the conversation outgrows the context window, the oldest turns are dropped."""
 
 
@@ -90,7 +96,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     interactive = args.prompt is None and sys.stdin.isatty()
     prompt = args.prompt
     if not interactive and prompt is None:
-        # Strip the newline that echo and editors end piped text with: the model answers it.
+        # Strip the trailing newline of piped text (echo adds one), because the model would see it.
         prompt = sys.stdin.read().strip()
         if not prompt:
             raise LieqError("standard input is empty; pipe a prompt in or pass --prompt TEXT")
@@ -153,14 +159,13 @@ def repl(session: chat.ChatSession, console: Console) -> int:
     """Read messages and commands until /quit, end of input or Ctrl-C at the prompt."""
     history_path = cache_dir() / HISTORY_FILE
     load_history(history_path)
+    terminal_settings = save_terminal()
     try:
         while True:
             try:
-                text = read_message(input, PROMPT)
-            except InputCancelled:
-                console.print("[dim]message dropped[/dim]")
-                continue
+                text = read_message_interruptible(PROMPT)
             except (EOFError, KeyboardInterrupt):
+                restore_terminal(terminal_settings)
                 sys.stdout.write("\n")
                 sys.stdout.flush()
                 return 0

@@ -7,9 +7,9 @@ prompt's ids, trims the cache back to the common prefix with
 `mlx_lm.models.cache.trim_prompt_cache` and prefills the rest. Generation runs through
 `mlx_lm.generate.stream_generate`.
 
-A conversation that no longer fits the context window (the model's
-`max_position_embeddings`, or `max_kv_size` when smaller) loses its oldest turns first; the
-reply reports how many it dropped.
+The context window is the model's `max_position_embeddings`, or `max_kv_size` when that is
+smaller. A conversation that no longer fits loses its oldest turns first, and the reply
+reports how many it dropped.
 
 A reply that stops early (its `should_stop` callback returns True, the caller stops
 iterating, or an exception) keeps its partial text in the history when it produced any, and
@@ -135,7 +135,7 @@ class Reply:
 
 
 class _PrefillStopped(Exception):
-    """Raised from the prefill progress callback when the caller asked to stop."""
+    """Raised from the prefill progress callback when the caller requested a stop."""
 
     def __init__(self, processed: int) -> None:
         super().__init__(processed)

@@ -122,11 +122,13 @@ def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
     model.set_dtype(dtype, predicate=lambda current: mx.issubdtype(current, mx.floating))
 
 
-def load_model(spec: str | Path = DEMO_NAME, dtype: mx.Dtype | None = None):
+def load_model(spec: str | Path = DEMO_NAME, dtype: mx.Dtype | None = None, kernels: bool = True):
     """Load the model named by `spec`; return (model, tokenizer).
 
     Weights are cast to the platform's compute dtype (float32 on the CPU) unless `dtype`
-    is given. Quantized folders written by lieq-mlx or mlx-lm load as quantized layers.
+    is given. Quantized folders written by lieq-mlx or mlx-lm load as quantized layers;
+    with `kernels` and on Metal, their 1- and 2-bit layers run lieq-mlx's custom kernels
+    (`LIEQ_NO_KERNELS=1` turns that off).
     """
     from mlx_lm.utils import load as mlx_lm_load
 
@@ -136,6 +138,10 @@ def load_model(spec: str | Path = DEMO_NAME, dtype: mx.Dtype | None = None):
     except ValueError as error:
         raise UnsupportedModelError(f"mlx-lm cannot load {folder}: {error}") from None
     cast_floats(model, dtype or compute_dtype())
+    if kernels:
+        from lieq_mlx.kernel_layers import install_kernels
+
+        install_kernels(model)
     return model, tokenizer
 
 

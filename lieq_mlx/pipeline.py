@@ -122,7 +122,9 @@ def quantize_model(
     """Quantize `model` in place under `settings`; return the allocation and its bit counts.
 
     `scores` (one per decoder layer) are required by the `lieq` and `paper` policies;
-    `calibration` windows (N, L) are required by the `output` distortion of `lieq`.
+    `calibration` windows (N, L) are required by GPTQ rounding and by the `output`
+    distortion of `lieq`. The model's parameters are left in the storage dtype (float16),
+    ready to write; cast them with `models.cast_floats` before computing on the CPU.
     """
     settings.validate()
     widths = settings.resolved_widths()

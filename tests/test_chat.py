@@ -3,7 +3,7 @@
 
 The prompts were chosen because SmolLM2-135M-Instruct follows them with greedy sampling:
 it repeats a name given in the previous turn, and greets in French under a system prompt
-that asks for French.
+that requests French.
 """
 
 from __future__ import annotations
@@ -247,18 +247,22 @@ class Terminal:
         return match.group(1)
 
     def wait(self, timeout: float = 30.0) -> int:
+        """Wait for the child to exit, reading its output meanwhile; return its exit code."""
+        deadline = time.monotonic() + timeout
+        while self.process.poll() is None and time.monotonic() < deadline:
+            if not self._read(0.2):
+                break
         try:
-            while self._read(0.2):
-                if self.process.poll() is not None:
-                    break
-            return self.process.wait(timeout=timeout)
-        finally:
-            os.close(self.master)
+            return self.process.wait(timeout=max(deadline - time.monotonic(), 1.0))
+        except subprocess.TimeoutExpired:
+            tail = self.output[self.position:][-2000:]
+            raise AssertionError(f"the chat did not exit within {timeout} s; output after last match:\n{tail}") from None
 
-    def kill(self) -> None:
+    def close(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        os.close(self.master)
 
 
 @pytest.fixture
@@ -273,7 +277,7 @@ def terminal(cli_env):
 
     yield start
     for term in started:
-        term.kill()
+        term.close()
 
 
 def test_repl_remembers_then_reset_forgets(terminal, cli_env):

@@ -71,9 +71,9 @@ def save_scores(result: AnalysisResult, path: str | Path) -> Path:
     return path
 
 
-def _finite(value, what: str, path: Path) -> float:
+def _finite(value, description: str, path: Path) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ScoresFileError(f"scores file {path}: {what} is {value!r}, not a finite number; rerun `lieq-mlx analyze`")
+        raise ScoresFileError(f"scores file {path}: {description} is {value!r}, not a finite number; rerun `lieq-mlx analyze`")
     return float(value)
 
 
@@ -128,7 +128,7 @@ def read_saliency(path: str | Path) -> SaliencyResult:
     try:
         return SaliencyResult.from_dict(json.loads(path.read_text(encoding="utf-8"))["saliency"])
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-        raise ScoresFileError(f"{path} holds no valid \"saliency\" entry ({type(error).__name__}: {error}); "
+        raise ScoresFileError(f"{path} contains no valid \"saliency\" entry ({type(error).__name__}: {error}); "
                               "pass a scores file written with `lieq-mlx analyze --saliency --json`") from None
 
 
