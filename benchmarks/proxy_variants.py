@@ -1,7 +1,7 @@
 """Measure every variant of the layer-importance proxy against layer-drop saliency.
 
 Saliency (perplexity increase with each decoder layer skipped) is computed once on the
-first windows of a test text and cached as JSON; each variant of the proxy is then scored
+first windows of a test text and cached as JSON. Each variant of the proxy is then scored
 on calibration text and compared with it by Spearman rank correlation.
 
     python benchmarks/proxy_variants.py --data wiki.test.raw --calib valid.txt \

@@ -114,6 +114,9 @@ def _check_arguments(args) -> None:
     if args.plot is not None:
         from lieq_mlx.analysis.plot import require_matplotlib
 
+        if args.plot.suffix.lower() != ".png":
+            raise LieqError(f"--plot {args.plot} is not a .png file name; pass a path ending in .png")
+
         require_matplotlib()
 
 
@@ -202,7 +205,9 @@ def _print_table(console, result) -> None:
     for name in names:
         mark = "*" if name in options.projections else ""
         table.add_column(f"{per_projection} {SHORT_NAMES[name]}{mark}", justify="right")
-    if options.reference != "none":
+    # With the rank measure, the energy gain is a second view; with energy it is the score.
+    show_gain = options.reference != "none" and options.measure == "rank"
+    if show_gain:
         table.add_column(f"mean gain E_{options.top_k}", justify="right")
     if result.saliency is not None:
         table.add_column("skip: ppl increase", justify="right")
@@ -210,7 +215,7 @@ def _print_table(console, result) -> None:
     for layer in result.layers:
         row = [str(layer.index), f"{layer.score:.4f}"]
         row += [f"{layer.projections[name].score(options.measure):.2f}" for name in names]
-        if options.reference != "none":
+        if show_gain:
             gains = [layer.projections[name].energy_gain for name in options.projections]
             row.append(f"{sum(gains) / len(gains):+.2f}")
         if result.saliency is not None:

@@ -73,20 +73,20 @@ def collect_spectra(
     """Run `windows` (N, L) through `model` once and keep the requested output spectra.
 
     `references` names the reference sources to measure besides the trained model
-    (`trained-inputs`, `random-model`); their random weights come from one random copy of
+    (`trained-inputs`, `random-model`). Their random weights come from one random copy of
     the model drawn with `seed`, unless `reference` passes a ready one.
     """
     _, layers, _ = decoder_parts(model)
     spectra = Spectra(num_layers=len(layers), tokens=windows.size)
-    wanted = [source for source in SOURCES[1:] if source in references]
+    requested = [source for source in SOURCES[1:] if source in references]
 
-    start = time.perf_counter()
-    if wanted and reference is None:
+    if requested and reference is None:
+        start = time.perf_counter()
         reference = random_model(model, seed)
-    spectra.reference_seconds = time.perf_counter() - start
+        spectra.reference_seconds = time.perf_counter() - start
 
     trained_inputs = capture_layer_inputs(model, windows)
-    random_inputs = capture_layer_inputs(reference, windows) if "random-model" in wanted else None
+    random_inputs = capture_layer_inputs(reference, windows) if "random-model" in requested else None
     for index in range(len(layers)):
         start = time.perf_counter()
         _, inputs = next(trained_inputs)
@@ -98,11 +98,11 @@ def collect_spectra(
             x = inputs[name]  # (tokens, in_features)
             weight = projection_weight(layers[index], name)
             jobs = [(TRAINED, x @ weight.T)]  # (tokens, out_features)
-            if wanted:
+            if requested:
                 random_weight = projection_weight(reference.layers[index], name)
-                if "trained-inputs" in wanted:
+                if "trained-inputs" in requested:
                     jobs.append(("trained-inputs", x @ random_weight.T))
-                if "random-model" in wanted:
+                if "random-model" in requested:
                     jobs.append(("random-model", reference_inputs[name] @ random_weight.T))
             for source, z in jobs:
                 for flag in normalize:

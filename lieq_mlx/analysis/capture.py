@@ -71,7 +71,7 @@ def capture_layer_inputs(
 ) -> Iterator[tuple[int, dict[str, mx.array]]]:
     """Yield (layer index, inputs) for every decoder layer of `model` on `windows`.
 
-    `windows` holds token ids, shape (N, L). `inputs` maps each projection name
+    `windows` contains token ids, shape (N, L). `inputs` maps each projection name
     (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) to its input
     activations, shape (N * L, in_features), float32; q/k/v share one array and
     gate/up share another. The generator holds one layer's inputs at a time: a caller

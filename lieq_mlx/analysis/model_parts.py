@@ -46,7 +46,7 @@ def decoder_parts(model: nn.Module) -> tuple[nn.Module, list[nn.Module], Callabl
 
 
 def projection_parent(layer: nn.Module, name: str) -> nn.Module:
-    """Return the submodule (`self_attn` or `mlp`) that holds projection `name`."""
+    """Return the submodule (`self_attn` or `mlp`) that contains projection `name`."""
     return layer.self_attn if name in ATTENTION_PROJECTIONS else layer.mlp
 
 

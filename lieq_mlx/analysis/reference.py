@@ -1,8 +1,8 @@
 """The untrained reference: a randomly initialised copy of a model, drawn from a seed.
 
 Every weight matrix (linear projections and the embedding) is drawn i.i.d. from
-N(0, sigma^2), with sigma the standard deviation of the same matrix in the trained model;
-norm weights stay at their initial value of one and biases at zero. Matching sigma per
+N(0, sigma^2), with sigma the standard deviation of the same matrix in the trained model.
+Norm weights stay at their initial value of one and biases at zero. Matching sigma per
 matrix keeps the random model's hidden states at the trained model's scale, so its
 attention softmax and residual stream are neither saturated nor vanishing. Compactness
 itself does not depend on the scale of W (the effective rank of a scaled matrix is the same).

@@ -1,9 +1,9 @@
 """Layer-drop saliency: how much perplexity rises when one decoder layer is skipped.
 
 Skipping layer l replaces it by the identity, so its output is its input. The hidden
-states that enter each layer in the unmodified model are computed once per window; the
+states that enter each layer in the unmodified model are computed once per window. The
 run without layer l then starts from the input of layer l and continues with layers
-l + 1 onwards, which gives the same logits as a full pass with layer l removed at about
+l + 1 onwards. That gives the same logits as a full pass with layer l removed, at about
 half the cost.
 """
 
@@ -80,7 +80,7 @@ def layer_drop_saliency(
 ) -> SaliencyResult:
     """Measure the perplexity of `model` on `windows` with each decoder layer skipped in turn.
 
-    `windows` holds token ids, shape (N, L); every token after the first of a window is
+    `windows` contains token ids, shape (N, L). Every token after the first of a window is
     scored, as in `lieq_mlx.perplexity`. Windows run one at a time to bound memory.
     """
     embed, layers, mask_for = decoder_parts(model)

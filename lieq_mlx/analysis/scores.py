@@ -44,7 +44,7 @@ class AnalysisOptions:
     """Variant of the proxy and how it is computed.
 
     reference: `trained-inputs` multiplies the trained model's inputs X by random weights
-    (X W~^T); `random-model` runs a whole random model on the same tokens (X~ W~^T);
+    (X W~^T). `random-model` runs a whole random model on the same tokens (X~ W~^T).
     `none` scores the trained spectrum alone.
     normalize: centre Z over tokens and scale each row to unit L2 norm before the spectrum.
     measure: `rank` (effective rank, compactness shift) or `energy` (top-k energy gain).
