@@ -17,12 +17,17 @@ from lieq_mlx.models import cache_dir, resolve_model
 from lieq_mlx.perplexity import evaluate_perplexity
 from lieq_mlx.pipeline import QuantizeSettings
 from lieq_mlx_cli.console import bit_strip, progress_bar, progress_callback
+from lieq_mlx_cli.cmd_quantize import parse_widths
 from lieq_mlx_cli.quantize_flow import describe_settings, run_quantize
 
 NAME = "demo"
 HELP = "import the demo model, analyze it, quantize it, chat once with the result and summarize"
 DEFAULT_PROMPT = "What is the capital of France?"
-DEFAULT_TARGET_BITS = 3.0
+# SmolLM2-135M loses too much below about 4 nominal bits to answer chat prompts reliably
+# (its perplexity at 3 bits is about 3 times the imported model's; docs/benchmarks.md), so
+# the demo spends 4 bits on average over widths 3 to 6.
+DEFAULT_TARGET_BITS = 4.0
+DEFAULT_WIDTHS = "3,4,5,6"
 
 
 def add_arguments(parser) -> None:
@@ -30,6 +35,8 @@ def add_arguments(parser) -> None:
                         help="where to write the quantized model (default: the cache folder; replaced on every run)")
     parser.add_argument("--target-bits", type=float, default=DEFAULT_TARGET_BITS,
                         help=f"nominal bits per decoder-layer weight (default: {DEFAULT_TARGET_BITS})")
+    parser.add_argument("--bits", default=DEFAULT_WIDTHS, metavar="W,W",
+                        help=f"candidate widths per layer (default: {DEFAULT_WIDTHS})")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="chat prompt for the quantized model")
     parser.add_argument("--calib", type=Path, metavar="FILE", help="calibration text (default: text sampled from the model)")
     parser.add_argument("--data", type=Path, metavar="FILE", help="text to score perplexity on, e.g. WikiText-2 test")
@@ -60,7 +67,9 @@ def run(args, console) -> int:
     import_seconds = time.perf_counter() - start
 
     output = args.output or cache_dir() / "models" / "SmolLM2-135M-Instruct-lieq"
-    settings = QuantizeSettings(target_bits=args.target_bits, count="nominal", policy="lieq")
+    settings = QuantizeSettings(
+        target_bits=args.target_bits, count="nominal", policy="lieq", widths=parse_widths(args.bits)
+    )
     quantized = run_quantize(console, "demo", settings, output, calib=args.calib, force=args.output is None)
 
     start = time.perf_counter()

@@ -32,7 +32,7 @@ _HUB_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.tiktoken"
 
 
 def cache_dir() -> Path:
-    """The cache folder: `$LIEQ_MLX_CACHE`, else `~/.cache/lieq-mlx`."""
+    """Return the cache folder: `$LIEQ_MLX_CACHE`, else `~/.cache/lieq-mlx`."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lieq-mlx").expanduser()
 
 
@@ -53,7 +53,7 @@ def demo_gguf_path() -> Path:
 
 
 def demo_model_dir() -> Path:
-    """The cache folder that holds (or will hold) the imported demo model."""
+    """Return the cache folder of the imported demo model (it may not exist yet)."""
     return cache_dir() / "models" / "SmolLM2-135M-Instruct"
 
 
@@ -126,9 +126,9 @@ def load_model(spec: str | Path = DEMO_NAME, dtype: mx.Dtype | None = None, kern
     """Load the model named by `spec`; return (model, tokenizer).
 
     Weights are cast to the platform's compute dtype (float32 on the CPU) unless `dtype`
-    is given. Quantized folders written by lieq-mlx or mlx-lm load as quantized layers;
-    with `kernels` and on Metal, their 1- and 2-bit layers run lieq-mlx's custom kernels
-    (`LIEQ_NO_KERNELS=1` turns that off).
+    is given. Quantized folders written by lieq-mlx or mlx-lm load as quantized layers.
+    With `kernels` on a Metal machine, their 1- and 2-bit layers run lieq-mlx's custom
+    kernels, unless `LIEQ_NO_KERNELS=1` is set.
     """
     from mlx_lm.utils import load as mlx_lm_load
 

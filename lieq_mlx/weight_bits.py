@@ -1,8 +1,8 @@
 """Bits per weight of a loaded model, described for the chat header.
 
-The counting itself (nominal and effective bits, from `lieq.json` when the folder has one)
-lives in `lieq_mlx.bench.bits`; this module adds whether the loaded model is quantized and
-a one-line description with units.
+`lieq_mlx.bench.bits` counts nominal and effective bits, from `lieq.json` when the folder
+has one. This module adds whether the loaded model is quantized and a one-line description
+with units.
 """
 
 from __future__ import annotations

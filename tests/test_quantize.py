@@ -99,7 +99,7 @@ def test_effective_bits_match_mlx_lm(uniform_folder):
     assert result.effective_bits == pytest.approx(compute_bits_per_weight(stored), rel=1e-9)
 
 
-def test_folder_loads_in_stock_mlx_lm_with_same_logits(uniform_folder):
+def test_stock_mlx_lm_gives_same_logits(uniform_folder):
     folder, model, _ = uniform_folder
     stock, _ = mlx_lm_load(str(folder))
     stock.set_dtype(mx.float32, predicate=lambda dtype: mx.issubdtype(dtype, mx.floating))
