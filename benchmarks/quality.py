@@ -64,6 +64,7 @@ class RowSpec:
     recipe: str | None = None  # mlx-lm recipe run, or whose effective bits are matched
     low_high: tuple[int, int] | None = None  # dynamic quantization's two widths
     match_row: str | None = None  # row whose measured effective bits are matched
+    embed_bits: int = 6  # width of the tied embedding in lieq-mlx rows
 
 
 def _widths_tag(widths) -> str:
@@ -96,11 +97,13 @@ def plan_rows(include_extra: bool = True) -> list[RowSpec]:
     rows.append(RowSpec("dynamic-34-match-mixed_3_4", "dynamic", recipe="mixed_3_4", low_high=(3, 4)))
     # mlx-lm's threshold search can land above its target, so LieQ also matches what it reached.
     rows.append(RowSpec("lieq-match-dynamic-34", "lieq-match", (1, 2, 3, 4), match_row="dynamic-34-match-mixed_3_4"))
-    rows += lieq_set("paper", (2, 4)) + random_set((2, 4), SEEDS[:1])
+    # The recipes store the embedding at their low width, so LieQ with a 4-bit embedding too.
+    rows.append(RowSpec("lieq-match-mixed_3_4-e4", "lieq-match", (1, 2, 3, 4), recipe="mixed_3_4", embed_bits=4))
+    rows += [RowSpec("rtn-3", "rtn", (3,)), RowSpec("clip-3", "clip", (3,))]
     rows += lieq_set("equal", (1, 2, 3, 4))
-    rows.append(RowSpec("gptq-2", "gptq", (2,)))
+    rows += lieq_set("paper", (2, 4)) + random_set((2, 4), SEEDS[:1])
     rows += random_set((1, 2, 3, 4), SEEDS[1:])
-    rows += [RowSpec(f"rtn-{b}", "rtn", (b,)) for b in (4, 3)] + [RowSpec(f"clip-{b}", "clip", (b,)) for b in (4, 3)]
+    rows += [RowSpec("rtn-4", "rtn", (4,)), RowSpec("clip-4", "clip", (4,)), RowSpec("gptq-2", "gptq", (2,))]
     rows += lieq_set("lieq", (2, 3, 4)) + random_set((2, 3, 4), SEEDS[:1])
     rows += [RowSpec("rtn-2", "rtn", (2,)), RowSpec("clip-2", "clip", (2,))]
     rows += random_set((2, 4), SEEDS[1:]) + random_set((2, 3, 4), SEEDS[1:])
@@ -139,7 +142,7 @@ class Bench:
         self.accounting = build_accounting(model, GROUP_SIZE, self.embed_bits, EMBED_GROUP_SIZE)
         self.num_layers = len(self.accounting.layer_params)
         self._candidates: dict[str, object] = {}
-        self._embed: mx.array | None = None
+        self._embed: dict[int, mx.array] = {}  # dequantized embedding by width
         self.work_dir: Path | None = None  # candidate sets kept between runs
         self.rows: dict[str, dict] = {}  # finished rows, for rows that match another's bits
 
@@ -182,16 +185,25 @@ class Bench:
             log(f"{rounding} candidates took {seconds:.0f} s")
         return self._candidates[rounding]
 
-    def embedding(self) -> mx.array:
-        """Return the product's 6-bit embedding (clipping search), dequantized to float32."""
+    def embedding(self, bits: int | None = None) -> mx.array:
+        """Return the embedding quantized as the product does (clipping search), dequantized to float32."""
         from lieq_mlx.quantizers import quantize_weight
 
-        if self._embed is None:
+        bits = bits or self.embed_bits
+        if bits not in self._embed:
             original = self.model.model.embed_tokens.weight.astype(mx.float32)
-            packed, scales, biases = quantize_weight(original, self.embed_bits, EMBED_GROUP_SIZE, mx.float16)
-            self._embed = mx.dequantize(packed, scales, biases, group_size=EMBED_GROUP_SIZE, bits=self.embed_bits)
-            mx.eval(self._embed)
-        return self._embed
+            packed, scales, biases = quantize_weight(original, bits, EMBED_GROUP_SIZE, mx.float16)
+            self._embed[bits] = mx.dequantize(packed, scales, biases, group_size=EMBED_GROUP_SIZE, bits=bits)
+            mx.eval(self._embed[bits])
+        return self._embed[bits]
+
+    def accounting_for(self, embed_bits: int):
+        """Return the bit accounting of the model with the embedding at `embed_bits`."""
+        from lieq_mlx.quantize import build_accounting
+
+        if embed_bits == self.embed_bits:
+            return self.accounting
+        return build_accounting(self.model, GROUP_SIZE, embed_bits, EMBED_GROUP_SIZE)
 
     def scores(self) -> list[float]:
         """Return the LieQ layer scores, timing the analysis on the calibration windows."""
@@ -295,12 +307,12 @@ def log(message: str) -> None:
 # Building the weights of each row: {module path: float32 weight} plus the row's facts.
 
 
-def allocation_weights(bench: Bench, rounding: str, allocation) -> dict[str, mx.array]:
-    """Return the dequantized float32 weights of an allocation, the 6-bit embedding included."""
+def allocation_weights(bench: Bench, rounding: str, allocation, embed_bits: int = 6) -> dict[str, mx.array]:
+    """Return the dequantized float32 weights of an allocation, the quantized embedding included."""
     from lieq_mlx.analysis.model_parts import PROJECTIONS
 
     candidates = bench.candidates(rounding)
-    weights = {"model.embed_tokens": bench.embedding()}
+    weights = {"model.embed_tokens": bench.embedding(embed_bits)}
     for index, bits in enumerate(allocation):
         for name in PROJECTIONS:
             weights[projection_path(index, name)] = candidates.weights[index][bits][name].dequantized().astype(mx.float32)
@@ -349,10 +361,11 @@ def mlx_lm_weights(quantized: nn.Module) -> tuple[dict[str, mx.array], float, fl
 def lieq_allocation(bench: Bench, spec: RowSpec, scores, target: float, count: str) -> list[int]:
     from lieq_mlx.allocation import allocate_lieq, check_budget
 
-    cap = check_budget(bench.accounting, spec.widths, target, count)
+    accounting = bench.accounting_for(spec.embed_bits)
+    cap = check_budget(accounting, spec.widths, target, count)
     distortion = bench.candidates("gptq").output_error
     columns = [GPTQ_WIDTHS.index(w) for w in spec.widths]
-    return allocate_lieq(bench.accounting, scores, distortion[:, columns], spec.widths, cap)
+    return allocate_lieq(accounting, scores, distortion[:, columns], spec.widths, cap)
 
 
 def build_row(bench: Bench, spec: RowSpec) -> tuple[dict[str, mx.array], dict]:
@@ -388,7 +401,7 @@ def build_row(bench: Bench, spec: RowSpec) -> tuple[dict[str, mx.array], dict]:
         else:
             target = bench.recipe_bits(spec.recipe)
         allocation = lieq_allocation(bench, spec, bench.scores(), target, "effective")
-        weights = allocation_weights(bench, "gptq", allocation)
+        weights = allocation_weights(bench, "gptq", allocation, spec.embed_bits)
         info.update(recipe=spec.recipe, match_row=spec.match_row, target_effective_bits=target)
     elif spec.kind == "recipe":
         weights, nominal, effective, widths = mlx_lm_weights(bench.recipe_model(spec.recipe))
@@ -401,10 +414,12 @@ def build_row(bench: Bench, spec: RowSpec) -> tuple[dict[str, mx.array], dict]:
     else:
         raise ValueError(f"row kind {spec.kind!r} is unknown")
 
+    accounting = bench.accounting_for(spec.embed_bits)
     info.update(
         allocation=[int(b) for b in allocation],
-        nominal_bits=bench.accounting.nominal_bits(allocation),
-        effective_bits=bench.accounting.effective_bits(allocation),
+        embed_bits=spec.embed_bits,
+        nominal_bits=accounting.nominal_bits(allocation),
+        effective_bits=accounting.effective_bits(allocation),
     )
     return weights, info
 
@@ -665,6 +680,8 @@ def markdown_table(cache: dict) -> str:
         if row["kind"] == "lieq-match":
             matched = "dynamic_quant" if row.get("match_row") else row["recipe"]
             name = f"LieQ, GPTQ, at {matched}'s bits"
+            if row.get("embed_bits", 6) != 6:
+                name += f", {row['embed_bits']}-bit embedding"
         if row["kind"] == "random":
             name = f"random allocation, GPTQ ({row['seeds']} seed{'s' if row['seeds'] > 1 else ''})"
         widths = ",".join(str(w) for w in row["widths"]) or "-"
