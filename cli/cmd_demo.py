@@ -23,9 +23,9 @@ from lieq_mlx_cli.quantize_flow import describe_settings, run_quantize
 NAME = "demo"
 HELP = "import the demo model, analyze it, quantize it, chat once with the result and summarize"
 DEFAULT_PROMPT = "What is the capital of France?"
-# SmolLM2-135M loses too much below about 4 nominal bits to answer chat prompts reliably
-# (its perplexity at 3 bits is about 3 times the imported model's; docs/benchmarks.md), so
-# the demo spends 4 bits on average over widths 3 to 6.
+# Below about 4 nominal bits SmolLM2-135M no longer answers chat prompts reliably: at 3 bits
+# its perplexity is about 3 times the imported model's (docs/benchmarks.md). So the demo
+# spends 4 bits on average over widths 3 to 6.
 DEFAULT_TARGET_BITS = 4.0
 DEFAULT_WIDTHS = "3,4,5,6"
 
