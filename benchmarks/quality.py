@@ -687,9 +687,11 @@ def markdown_table(cache: dict) -> str:
         widths = ",".join(str(w) for w in row["widths"]) or "-"
         nominal = "-" if row["nominal_bits"] is None else f"{row['nominal_bits']:.3f}"
         effective = "-" if row["effective_bits"] is None else f"{row['effective_bits']:.3f}"
-        if row.get("spread"):
+        if row.get("spread") and row["seeds"] > 1:
             low, high = row["spread"]
             perplexity = f"{_number(row['perplexity'])} (min {_number(low)}, max {_number(high)})"
+        elif row.get("standard_error") is None:
+            perplexity = _number(row["perplexity"])
         else:
             perplexity = f"{_number(row['perplexity'])} ± {_number(row['standard_error'])}"
         ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
