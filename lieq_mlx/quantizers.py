@@ -72,7 +72,12 @@ def _refit(groups: np.ndarray, codes: np.ndarray, scales: np.ndarray, biases: np
 
 
 def clipped_params(groups: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Return per-group (scales, biases), each (groups, 1), from the clipping search and refits."""
+    """Return per-group (scales, biases), each (groups, 1), from the clipping search and refits.
+
+    NOTE: on the demo model the search lowers weight error but not perplexity when rounding
+    to nearest: uniform 3 bits scored 253 against 97 for plain min/max ranges (40 windows
+    of WikiText-2). Under GPTQ it helps: 90 against 199 from min/max ranges (5 windows).
+    """
     levels = 2**bits - 1
     low = groups.min(axis=1, keepdims=True)
     high = groups.max(axis=1, keepdims=True)
