@@ -28,6 +28,9 @@ def add_arguments(parser) -> None:
 def run(args, console) -> int:
     if not args.data:
         raise DataError(f"--data is required: {WIKITEXT_HINT}")
+    for option, value in (("--batch-size", args.batch_size), ("--windows", args.windows)):
+        if value is not None and value < 1:
+            raise DataError(f"{option} {value} is invalid; pass a positive number")
     text = read_text(args.data)
 
     start = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from rich.table import Table
@@ -55,6 +56,8 @@ def add_arguments(parser) -> None:
 
 
 def settings_from_args(args) -> QuantizeSettings:
+    if not math.isfinite(args.target_bits):
+        raise BudgetError(f"--target-bits {args.target_bits} is invalid; pass a number such as 2.5")
     return QuantizeSettings(
         target_bits=args.target_bits,
         count=args.count,
@@ -83,7 +86,15 @@ def summary_table(run, settings: QuantizeSettings, title: str) -> Table:
     return table
 
 
+def check_input_files(args) -> None:
+    """Reject a given --scores or --calib path that does not exist, even when unused."""
+    for option, path in (("--scores", args.scores), ("--calib", args.calib)):
+        if path is not None and not Path(path).expanduser().is_file():
+            raise BudgetError(f"{option} file {path} not found; pass an existing file or leave the option out")
+
+
 def run(args, console) -> int:
+    check_input_files(args)
     for option, value in (("--samples", args.samples), ("--seq-len", args.seq_len)):
         if value < 1 or (option == "--seq-len" and value < 2):
             raise BudgetError(f"{option} {value} is invalid; use a positive number")

@@ -18,13 +18,13 @@ from lieq_mlx.errors import OutputExistsError
 
 def check_destination(destination: Path, force: bool) -> None:
     """Raise `OutputExistsError` when `destination` exists and `force` is False."""
+    if destination.exists() and not destination.is_dir():
+        raise OutputExistsError(f"output path {destination} is a file, not a folder; choose another path")
     if destination.exists() and not force:
         raise OutputExistsError(
             f"output folder {destination} already exists; pass --force to replace it "
             "or choose another path"
         )
-    if destination.exists() and not destination.is_dir():
-        raise OutputExistsError(f"output path {destination} is a file, not a folder; choose another path")
 
 
 @contextmanager

@@ -180,13 +180,13 @@ class ChatSession:
                 "model whose tokenizer_config.json or chat_template.jinja defines one"
             )
         if max_tokens < 1:
-            raise LieqError(f"max_tokens {max_tokens} is invalid; pass a positive number of tokens")
+            raise LieqError(f"--max-tokens {max_tokens} is invalid; pass a positive number of tokens")
         if temp < 0:
-            raise LieqError(f"temperature {temp} is invalid; pass 0 (most likely token) or more")
+            raise LieqError(f"--temp {temp} is invalid; pass 0 (most likely token) or more")
         if not 0 < top_p <= 1:
-            raise LieqError(f"top_p {top_p} is invalid; pass a probability in (0, 1]")
+            raise LieqError(f"--top-p {top_p} is invalid; pass a probability in (0, 1]")
         if max_kv_size is not None and max_kv_size < 64:
-            raise LieqError(f"max_kv_size {max_kv_size} is too small; pass at least 64 tokens")
+            raise LieqError(f"--max-kv-size {max_kv_size} is too small; pass at least 64 tokens")
         self.model = model
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens

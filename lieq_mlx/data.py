@@ -23,6 +23,8 @@ WIKITEXT_HINT = (
 def read_text(path: str | Path) -> str:
     """Read a UTF-8 text file, with or without a byte-order mark; reject empty files."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not a text file; pass the path of a plain UTF-8 text file")
     if not path.is_file():
         raise DataError(f"text file {path} not found; pass the path of a plain UTF-8 text file")
     try:
@@ -51,8 +53,10 @@ def consecutive_windows(tokens: np.ndarray, seq_len: int, count: int | None, sou
     """Cut the first `count` consecutive windows of `seq_len` tokens (all when None)."""
     if seq_len < 2:
         raise DataError(f"--seq-len {seq_len} is too small; use at least 2 tokens")
+    if count is not None and count < 1:
+        raise DataError(f"--windows {count} is invalid; pass a positive number")
     available = len(tokens) // seq_len
-    if available == 0 or (count is not None and count < 1):
+    if available == 0:
         raise DataError(
             f"{source} has {len(tokens)} tokens, too few for one window of {seq_len}; "
             "use a longer text or a smaller --seq-len"
