@@ -40,7 +40,7 @@ def atomic_folder(destination: str | Path, force: bool = False):
     try:
         yield staging
         if destination.exists():
-            # The old folder goes aside first, so a failure here never loses both.
+            # The old folder is moved aside and deleted only once the new one is in place.
             retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old-", dir=destination.parent))
             retired.rmdir()
             destination.rename(retired)
