@@ -101,12 +101,15 @@ def print_notes(console, results: list[ModelBench], bandwidth) -> None:
         "/ bytes read per generated token, counted from the arrays in memory (float32 on the CPU): "
         "decoder layers, norms, output head, one embedding row and the KV cache at the mean context"
     )
+    def bits_origin(source: str) -> str:
+        return source if source.startswith("computed") else f"from {source}"
+
     for result in results:
         traffic = result.traffic
         console.print(
             f"  {escape(result.spec)}: {traffic.total_bytes / 1e6:,.1f} MB per token "
             f"({traffic.weight_bytes / 1e6:,.1f} MB weights + {traffic.kv_cache_bytes / 1e6:,.2f} MB KV cache "
-            f"at {traffic.mean_context:.1f} tokens); bits {result.bits.source}"
+            f"at {traffic.mean_context:.1f} tokens); bits {bits_origin(result.bits.source)}"
         )
     console.print(
         "nominal bits: parameter-weighted mean width of the decoder layers' linear weights, stored dtype "

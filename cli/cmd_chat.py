@@ -32,7 +32,7 @@ from lieq_mlx_cli.console import print_error
 from lieq_mlx_cli.options import add_model_option
 
 NAME = "chat"
-HELP = "Chat with a model in the terminal, or answer one prompt (--prompt or piped input)."
+HELP = "chat with a model in the terminal, or answer one prompt (--prompt or piped input)"
 HISTORY_FILE = "chat_history"
 PROMPT = ">>> "
 

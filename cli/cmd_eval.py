@@ -19,7 +19,7 @@ HELP = "perplexity on consecutive token windows of a text file (no BOS, whole te
 
 def add_arguments(parser) -> None:
     add_model_option(parser)
-    parser.add_argument("--data", metavar="FILE", help="plain text file to score, e.g. WikiText-2 test")
+    parser.add_argument("--data", metavar="FILE", help="plain text file to score, e.g. WikiText-2 test (required)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: 512)")
     parser.add_argument("--windows", type=int, default=None, help="score the first N windows (default: all)")
     parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default: 4)")
