@@ -28,7 +28,7 @@ def print_error(console: Console, message: str) -> None:
 
 @contextmanager
 def progress_bar(console: Console):
-    """A rich progress display for steps over a second or two; yields `Progress`."""
+    """Yield a rich `Progress` display for steps that take more than a second or two."""
     progress = Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),

@@ -60,8 +60,11 @@ def run_quantize(
     windows, calibration = None, None
     if need_calibration:
         start = time.perf_counter()
-        what = f"sampling calibration text from the model ({samples} x {seq_len} tokens)" if calib is None else "reading calibration text"
-        with console.status(what):
+        if calib is None:
+            message = f"sampling calibration text from the model ({samples} x {seq_len} tokens)"
+        else:
+            message = "reading calibration text"
+        with console.status(message):
             windows, calibration = calibration_windows(model, tokenizer, calib, samples, seq_len, seed)
         seconds["calibration"] = time.perf_counter() - start
 

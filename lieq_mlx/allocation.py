@@ -6,7 +6,7 @@ Policies:
   the widths allow, the fair equal-budget baseline;
 - `paper`: two widths; the top-m layers by score get the high one, with m the largest
   count that fits;
-- `lieq`: any set of widths; minimise sum_l importance_l * N_l * D_l(b_l) subject to the
+- `lieq`: any set of widths. It minimises sum_l importance_l * N_l * D_l(b_l) under the
   budget, solved exactly as a multiple-choice knapsack by dynamic programming.
 
 The budget constrains `sum_l N_l * b_l`, the decoder-layer linear weights' bits, where N_l
@@ -29,7 +29,7 @@ POLICIES = ("lieq", "paper", "uniform", "random")
 
 @dataclass(frozen=True)
 class BitAccounting:
-    """What it takes to count nominal and effective bits of one model.
+    """Parameter and bit counts of one model, for nominal and effective bits.
 
     `layer_params` are the decoder layers' linear weight counts. `fixed_bits` are the
     stored bits outside those weights (embeddings, head, norms); `total_params` counts
@@ -127,8 +127,8 @@ def allocate_knapsack(accounting: BitAccounting, costs: np.ndarray, widths, cap:
     capacity = int(math.floor(cap / unit + 1e-9))
     weights = [[p * w // unit for w in widths] for p in params]
     if capacity > 2_000_000:
-        # NOTE: layers of many different shapes make the exact table large; a coarser unit
-        # keeps it tractable at the price of up to one unit of unused budget per layer.
+        # NOTE: layers of many different shapes make the exact table large. A coarser unit
+        # keeps it tractable, at the price of up to one unit of unused budget per layer.
         unit = math.ceil(cap / 2_000_000)
         capacity = int(cap // unit)
         weights = [[math.ceil(p * w / unit) for w in widths] for p in params]

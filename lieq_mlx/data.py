@@ -63,7 +63,7 @@ def consecutive_windows(tokens: np.ndarray, seq_len: int, count: int | None, sou
         )
     if count is not None and count > available:
         raise DataError(
-            f"{source} holds {available} windows of {seq_len} tokens, fewer than the {count} "
+            f"{source} contains {available} windows of {seq_len} tokens, fewer than the {count} "
             f"requested; use --windows {available} or a smaller --seq-len"
         )
     count = available if count is None else count

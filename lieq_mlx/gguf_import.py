@@ -123,7 +123,7 @@ def unpermute_rotary_rows(weight: mx.array, n_heads: int) -> mx.array:
     """Undo GGUF's interleaving of rotary halves in the rows of a q or k projection.
 
     GGUF converters reorder each head's rows from [first half, second half] to pairs
-    (row i of the first half, row i of the second half); this restores the Hugging Face order.
+    (row i of the first half, row i of the second half). This restores the Hugging Face order.
     """
     rows = weight.shape[0]
     head_rows = rows // n_heads

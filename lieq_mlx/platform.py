@@ -92,8 +92,10 @@ def metal_available() -> bool:
 
 
 def compute_dtype() -> mx.Dtype:
-    """The dtype to compute in: float32 on the CPU (float16 is about 100x slower there),
-    float16 on a Metal GPU."""
+    """Return the dtype to compute in: float32 on the CPU, float16 on a Metal GPU.
+
+    float16 matrix products are about 100 times slower than float32 on MLX's CPU backend.
+    """
     return mx.float16 if metal_available() else mx.float32
 
 

@@ -1,6 +1,6 @@
 """Write a quantized model folder that stock `mlx_lm.load` opens.
 
-The folder holds `config.json` with a `quantization` section (defaults plus one entry per
+The folder contains `config.json` with a `quantization` section (defaults plus one entry per
 quantized module), safetensors, the source's tokenizer files and `lieq.json`, the record
 of how the model was made. It is written to a temporary sibling folder and renamed at
 the end, so an interrupted run leaves nothing behind.
