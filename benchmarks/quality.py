@@ -1,7 +1,8 @@
 """Compare the perplexity of LieQ allocations with the usual baselines at equal bits.
 
-Every lieq-mlx row comes from one candidate set per rounding (GPTQ or the clipping search,
-widths 1 to 4, group 64): the chosen width's dequantized weights are swapped into the
+Every lieq-mlx row comes from one candidate set per quantizer (AWQ-scaled GPTQ, the
+product's default; GPTQ without scaling, an ablation; the clipping search), widths 1 to 4,
+group 64: the chosen width's dequantized weights (and scaled norms) are swapped into the
 float32 model, scored, and the original weights put back. The tied embedding of every
 lieq-mlx row is the product's 6-bit embedding (clipping search, group 64), so the
 effective bits count what a written folder stores. mlx-lm rows quantize a float16 copy
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fnmatch
 import json
 import platform
 import sys
@@ -64,6 +66,7 @@ class RowSpec:
     low_high: tuple[int, int] | None = None  # dynamic quantization's two widths
     match_row: str | None = None  # row whose measured effective bits are matched
     embed_bits: int = 6  # width of the tied embedding in lieq-mlx rows
+    quantizer: str = "gptq-awq"  # candidate set of lieq-mlx rows: gptq-awq, gptq (no scaling) or nearest
 
 
 def _widths_tag(widths) -> str:
@@ -105,10 +108,13 @@ def plan_rows(include_extra: bool = True) -> list[RowSpec]:
     rows += [RowSpec("rtn-4", "rtn", (4,)), RowSpec("clip-4", "clip", (4,)), RowSpec("gptq-2", "gptq", (2,))]
     rows += lieq_set("lieq", (2, 3, 4)) + random_set((2, 3, 4), SEEDS[:1])
     rows += [RowSpec("rtn-2", "rtn", (2,)), RowSpec("clip-2", "clip", (2,))]
-    rows += random_set((2, 4), SEEDS[1:]) + random_set((2, 3, 4), SEEDS[1:])
+    # Ablation: the same GPTQ without activation scaling.
+    rows += [RowSpec(f"gptq-{b}-noscale", "gptq", (b,), quantizer="gptq") for b in (4, 3)]
+    rows += [RowSpec(f"lieq-w1234-b{b}-noscale", "lieq", (1, 2, 3, 4), b, quantizer="gptq") for b in BUDGETS]
     if include_extra:
         rows += recipe_pair("mixed_3_6") + recipe_pair("mixed_4_6")
         rows.append(RowSpec("dynamic-26-match-mixed_2_6", "dynamic", recipe="mixed_2_6", low_high=(2, 6)))
+    rows += random_set((2, 4), SEEDS[1:]) + random_set((2, 3, 4), SEEDS[1:])
     return rows
 
 
@@ -147,42 +153,44 @@ class Bench:
 
     # Shared inputs, each built on first use.
 
-    def candidate_file(self, rounding: str) -> Path | None:
-        """Return where candidates of `rounding` are kept between runs (None: not kept)."""
+    def candidate_file(self, quantizer: str) -> Path | None:
+        """Return where candidates of `quantizer` are kept between runs (None: not kept)."""
         if self.work_dir is None:
             return None
         # NOTE: the file name encodes the calibration settings only, so a changed quantizer
         # reuses stale candidates until --fresh deletes them.
         calibration = self.meta.get("settings", {}).get("calibration", {})
         tag = "-".join(str(calibration.get(k)) for k in ("samples", "seq_len", "seed"))
-        return self.work_dir / f"candidates-{rounding}-{tag}.safetensors"
+        return self.work_dir / f"candidates-{quantizer}-{tag}.safetensors"
 
-    def candidates(self, rounding: str):
-        """Return the candidate set of `rounding` (gptq: widths 1-4, nearest: 2-4)."""
+    def candidates(self, quantizer: str):
+        """Return the candidate set of `quantizer` (gptq-awq and gptq: widths 1-4, nearest: 2-4)."""
         from lieq_mlx.quantize import quantize_candidates
 
-        if rounding not in self._candidates:
+        if quantizer not in self._candidates:
+            rounding = "nearest" if quantizer == "nearest" else "gptq"
             widths = GPTQ_WIDTHS if rounding == "gptq" else CLIP_WIDTHS
-            stored = self.candidate_file(rounding)
+            stored = self.candidate_file(quantizer)
             if stored is not None and stored.is_file():
-                log(f"reading {rounding} candidates from {stored}")
-                self._candidates[rounding] = read_candidates(stored, widths)
-                return self._candidates[rounding]
-            log(f"quantizing {rounding} candidates at widths {widths}")
+                log(f"reading {quantizer} candidates from {stored}")
+                self._candidates[quantizer] = read_candidates(stored, widths)
+                return self._candidates[quantizer]
+            log(f"quantizing {quantizer} candidates at widths {widths}")
             start = time.perf_counter()
             calibration = self.calibration if rounding == "gptq" else None
-            found = quantize_candidates(self.model, widths, GROUP_SIZE, calibration, rounding=rounding)
+            found = quantize_candidates(self.model, widths, GROUP_SIZE, calibration, rounding=rounding,
+                                        scaling=quantizer == "gptq-awq")
             seconds = time.perf_counter() - start
-            self._candidates[rounding] = found
+            self._candidates[quantizer] = found
             if stored is not None:
                 write_candidates(stored, found)
-            self.meta.setdefault("candidates", {})[rounding] = {
+            self.meta.setdefault("candidates", {})[quantizer] = {
                 "widths": list(widths),
                 "seconds": seconds,
                 "output_error": None if found.output_error is None else found.output_error.tolist(),
             }
-            log(f"{rounding} candidates took {seconds:.0f} s")
-        return self._candidates[rounding]
+            log(f"{quantizer} candidates took {seconds:.0f} s")
+        return self._candidates[quantizer]
 
     def embedding(self, bits: int | None = None) -> mx.array:
         """Return the embedding quantized as the product does (clipping search), dequantized to float32."""
@@ -271,6 +279,9 @@ def write_candidates(path: Path, candidates) -> None:
             for name, quantized in by_name.items():
                 for field in ("weight", "scales", "biases"):
                     arrays[f"{index}.{bits}.{name}.{field}"] = getattr(quantized, field)
+    for index, scales in enumerate(candidates.scales):
+        for producer, value in scales.items():
+            arrays[f"scale.{index}.{producer}"] = value
     if candidates.output_error is not None:
         arrays["output_error"] = mx.array(candidates.output_error.astype(np.float32))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -294,6 +305,8 @@ def read_candidates(path: Path, widths):
                 for name in PROJECTIONS
             }
         candidates.weights.append(per_width)
+        prefix = f"scale.{index}."
+        candidates.scales.append({key[len(prefix):]: value for key, value in arrays.items() if key.startswith(prefix)})
     if "output_error" in arrays:
         candidates.output_error = np.asarray(arrays["output_error"]).astype(np.float64)
     return candidates
@@ -306,13 +319,18 @@ def log(message: str) -> None:
 # Building the weights of each row: {module path: float32 weight} plus the row's facts.
 
 
-def allocation_weights(bench: Bench, rounding: str, allocation, embed_bits: int = 6) -> dict[str, mx.array]:
+def allocation_weights(bench: Bench, quantizer: str, allocation, embed_bits: int = 6) -> dict[str, mx.array]:
     """Return the dequantized float32 weights of an allocation, the quantized embedding included."""
     from lieq_mlx.analysis.model_parts import PROJECTIONS
 
-    candidates = bench.candidates(rounding)
+    from lieq_mlx.scaling import norm_weights
+
+    candidates = bench.candidates(quantizer)
     weights = {"model.embed_tokens": bench.embedding(embed_bits)}
     for index, bits in enumerate(allocation):
+        layer = module_at(bench.model, f"model.layers.{index}")
+        for name, weight in norm_weights(layer, candidates.scales[index] if candidates.scales else {}).items():
+            weights[f"model.layers.{index}.{name}"] = weight
         for name in PROJECTIONS:
             weights[projection_path(index, name)] = candidates.weights[index][bits][name].dequantized().astype(mx.float32)
     return weights
@@ -362,9 +380,12 @@ def lieq_allocation(bench: Bench, spec: RowSpec, scores, target: float, count: s
 
     accounting = bench.accounting_for(spec.embed_bits)
     cap = check_budget(accounting, spec.widths, target, count)
-    distortion = bench.candidates("gptq").output_error
+    distortion = bench.candidates(spec.quantizer).output_error
     columns = [GPTQ_WIDTHS.index(w) for w in spec.widths]
     return allocate_lieq(accounting, scores, distortion[:, columns], spec.widths, cap)
+
+
+CANDIDATE_KINDS = ("gptq", "random", "paper", "lieq", "equal", "lieq-match")
 
 
 def build_row(bench: Bench, spec: RowSpec) -> tuple[dict[str, mx.array], dict]:
@@ -372,6 +393,8 @@ def build_row(bench: Bench, spec: RowSpec) -> tuple[dict[str, mx.array], dict]:
     from lieq_mlx.allocation import allocate_paper, allocate_random, check_budget
 
     info: dict = {"key": spec.key, "kind": spec.kind, "widths": list(spec.widths)}
+    if spec.kind in CANDIDATE_KINDS:
+        info["quantizer"] = spec.quantizer
     if spec.kind == "full":
         return {}, {**info, "nominal_bits": None, "effective_bits": None}
 
@@ -380,7 +403,7 @@ def build_row(bench: Bench, spec: RowSpec) -> tuple[dict[str, mx.array], dict]:
         if spec.kind == "rtn":
             weights = rtn_weights(bench, spec.widths[0])
         else:
-            weights = allocation_weights(bench, "gptq" if spec.kind == "gptq" else "nearest", allocation)
+            weights = allocation_weights(bench, spec.quantizer if spec.kind == "gptq" else "nearest", allocation)
     elif spec.kind in ("random", "paper", "lieq", "equal"):
         cap = check_budget(bench.accounting, spec.widths, spec.budget, "nominal")
         if spec.kind == "random":
@@ -390,7 +413,7 @@ def build_row(bench: Bench, spec: RowSpec) -> tuple[dict[str, mx.array], dict]:
         else:
             scores = bench.scores() if spec.kind == "lieq" else [0.0] * bench.num_layers
             allocation = lieq_allocation(bench, spec, scores, spec.budget, "nominal")
-        weights = allocation_weights(bench, "gptq", allocation)
+        weights = allocation_weights(bench, spec.quantizer, allocation)
         info.update(budget=spec.budget, seed=spec.seed)
     elif spec.kind == "lieq-match":
         if spec.match_row is not None:
@@ -400,7 +423,7 @@ def build_row(bench: Bench, spec: RowSpec) -> tuple[dict[str, mx.array], dict]:
         else:
             target = bench.recipe_bits(spec.recipe)
         allocation = lieq_allocation(bench, spec, bench.scores(), target, "effective")
-        weights = allocation_weights(bench, "gptq", allocation, spec.embed_bits)
+        weights = allocation_weights(bench, spec.quantizer, allocation, spec.embed_bits)
         info.update(recipe=spec.recipe, match_row=spec.match_row, target_effective_bits=target)
     elif spec.kind == "recipe":
         weights, nominal, effective, widths = mlx_lm_weights(bench.recipe_model(spec.recipe))
@@ -553,12 +576,15 @@ def run(args) -> dict:
     bench.rows = cache["rows"]
     bench.work_dir = None if args.no_candidate_cache else Path(args.work_dir).expanduser()
     if args.fresh and bench.work_dir is not None:
-        for rounding in ("gptq", "nearest"):
-            stale = bench.candidate_file(rounding)
+        for quantizer in ("gptq-awq", "gptq", "nearest"):
+            stale = bench.candidate_file(quantizer)
             if stale.is_file():
                 stale.unlink()
 
     plan = plan_rows(include_extra=not args.core_only)
+    if args.rows:
+        patterns = args.rows.split(",")
+        plan = [spec for spec in plan if any(fnmatch.fnmatchcase(spec.key, pattern) for pattern in patterns)]
     failed: list[str] = []
     for spec in plan:
         if spec.key in cache["rows"]:
@@ -591,15 +617,22 @@ METHOD_NAMES = {
     "full": ("full precision (float32)", "-"),
     "rtn": ("uniform, round to nearest (mx.quantize min/max)", "uniform"),
     "clip": ("uniform, clipping search (lieq-mlx nearest)", "uniform"),
-    "gptq": ("uniform, GPTQ (lieq-mlx)", "uniform"),
-    "random": ("random allocation, GPTQ, 3 seeds", "random"),
-    "paper": ("LieQ, GPTQ", "paper"),
-    "lieq": ("LieQ, GPTQ", "lieq"),
-    "equal": ("ablation: equal scores, GPTQ", "lieq"),
-    "lieq-match": ("LieQ, GPTQ, at the recipe's effective bits", "lieq"),
+    "gptq": ("uniform, {q} (lieq-mlx)", "uniform"),
+    "random": ("random allocation, {q}, 3 seeds", "random"),
+    "paper": ("LieQ, {q}", "paper"),
+    "lieq": ("LieQ, {q}", "lieq"),
+    "equal": ("ablation: equal scores, {q}", "lieq"),
+    "lieq-match": ("LieQ, {q}, at the recipe's effective bits", "lieq"),
     "recipe": ("mlx-lm recipe", "-"),
     "dynamic": ("mlx-lm dynamic_quant", "-"),
 }
+# Table names of the candidate sets.
+QUANTIZER_NAMES = {"gptq-awq": "AWQ-scaled GPTQ", "gptq": "GPTQ without scaling (ablation)"}
+
+
+def quantizer_of(row: dict) -> str:
+    """Return the candidate set of a lieq-mlx row: gptq-awq unless the row names another."""
+    return row.get("quantizer", "gptq-awq")
 
 
 def table_rows(cache: dict) -> list[dict]:
@@ -678,11 +711,12 @@ def markdown_table(cache: dict) -> str:
             name = f"mlx-lm dynamic_quant, target {row['recipe']}'s bits"
         if row["kind"] == "lieq-match":
             matched = "dynamic_quant" if row.get("match_row") else row["recipe"]
-            name = f"LieQ, GPTQ, at {matched}'s bits"
+            name = f"LieQ, {{q}}, at {matched}'s bits"
             if row.get("embed_bits", 6) != 6:
                 name += f", {row['embed_bits']}-bit embedding"
         if row["kind"] == "random":
-            name = f"random allocation, GPTQ ({row['seeds']} seed{'s' if row['seeds'] > 1 else ''})"
+            name = f"random allocation, {{q}} ({row['seeds']} seed{'s' if row['seeds'] > 1 else ''})"
+        name = name.replace("{q}", QUANTIZER_NAMES.get(quantizer_of(row), ""))
         widths = ",".join(str(w) for w in row["widths"]) or "-"
         nominal = "-" if row["nominal_bits"] is None else f"{row['nominal_bits']:.3f}"
         effective = "-" if row["effective_bits"] is None else f"{row['effective_bits']:.3f}"
@@ -716,7 +750,9 @@ def cost_lines(cache: dict) -> str:
 SERIES = (
     ("rtn", (), "uniform RTN (mx.quantize)", "v", "tab:gray"),
     ("clip", (), "uniform clipping search", "^", "tab:brown"),
-    ("gptq", (), "uniform GPTQ", "s", "tab:blue"),
+    ("gptq", (), "uniform AWQ-scaled GPTQ", "s", "tab:blue"),
+    ("gptq-noscale", (), "uniform GPTQ, no scaling", "s", "lightsteelblue"),
+    ("lieq-noscale", (1, 2, 3, 4), "LieQ 1-4, GPTQ without scaling", "o", "darkseagreen"),
     ("random", (1, 2, 3, 4), "random allocation 1-4 (mean, min-max)", "x", "tab:orange"),
     ("random", (2, 3, 4), "random allocation 2,3,4 (mean, min-max)", "+", "goldenrod"),
     ("random", (2, 4), "random allocation 2,4 (mean, min-max)", "1", "chocolate"),
@@ -730,6 +766,13 @@ SERIES = (
 )
 
 
+def series_kind(row: dict) -> str:
+    """Return the row's kind, with the unscaled-GPTQ ablation rows as their own series."""
+    if row["kind"] in CANDIDATE_KINDS and quantizer_of(row) == "gptq":
+        return f"{row['kind']}-noscale"
+    return row["kind"]
+
+
 def plot(cache: dict, path: Path) -> None:
     """Plot perplexity against effective bits, log y, one marker set per method."""
     import matplotlib
@@ -740,7 +783,7 @@ def plot(cache: dict, path: Path) -> None:
     rows = table_rows(cache)
     figure, axes = plt.subplots(figsize=(10, 6.5))
     for kind, widths, label, marker, color in SERIES:
-        chosen = [r for r in rows if r["kind"] == kind and (not widths or tuple(r["widths"]) == widths)]
+        chosen = [r for r in rows if series_kind(r) == kind and (not widths or tuple(r["widths"]) == widths)]
         chosen.sort(key=lambda r: r["effective_bits"])
         if not chosen:
             continue
@@ -751,7 +794,7 @@ def plot(cache: dict, path: Path) -> None:
             high = [r["spread"][1] - r["perplexity"] for r in chosen]
             axes.errorbar(x, y, yerr=[low, high], fmt=marker, color=color, label=label, capsize=3, markersize=9)
         else:
-            line = "-" if kind in ("rtn", "clip", "gptq", "lieq", "paper", "equal") else ""
+            line = "-" if kind in ("rtn", "clip", "gptq", "gptq-noscale", "lieq", "lieq-noscale", "paper", "equal") else ""
             axes.plot(x, y, marker=marker, linestyle=line, color=color, label=label, markersize=8, alpha=0.9)
     full = cache["rows"].get("full")
     if full:
@@ -799,6 +842,8 @@ def parse_args(argv=None):
     parser.add_argument("--work-dir", default="~/.cache/lieq-mlx/quality",
                         help="folder that keeps candidate sets between runs (default: ~/.cache/lieq-mlx/quality)")
     parser.add_argument("--no-candidate-cache", action="store_true", help="quantize candidates again on every run")
+    parser.add_argument("--rows", default="",
+                        help="run only the rows whose keys match these comma-separated shell patterns")
     parser.add_argument("--core-only", action="store_true", help="skip mixed_3_6, mixed_4_6 and the 2/6 dynamic row")
     return parser.parse_args(argv)
 

@@ -68,12 +68,13 @@ def results_table(results: list[ModelBench], bandwidth, settings: BenchSettings)
     table = Table(
         title=escape(
             f"tokens per second, prompt {settings.prompt_tokens} tokens, {settings.generation_tokens} "
-            f"generated, median [min-max] of {settings.trials} trials after 1 warm-up"
+            f"generated, median [min-max] of {settings.trials} trials after 1 warm-up; "
+            "bits nom/eff: nominal and effective bits per weight"
         ),
     )
     columns = (
-        "model", "load s", "prefill tok/s", "generation tok/s", "% of bound",
-        "peak GB", "disk MB", "nominal bits", "effective bits", "vs first: prefill, gen, disk",
+        "model", "load s", "prefill tok/s", "gen tok/s", "% bound",
+        "peak GB", "disk MB", "bits nom/eff", "vs first: prefill, gen, disk",
     )
     for column in columns:
         table.add_column(column, justify="left" if column == "model" else "right", overflow="fold")
@@ -87,8 +88,7 @@ def results_table(results: list[ModelBench], bandwidth, settings: BenchSettings)
             f"{percent_of_bound(result, bandwidth):.0f}%",
             f"{result.peak_memory_bytes / 1e9:.2f}",
             f"{result.size_on_disk_bytes / 1e6:,.1f}",
-            f"{result.bits.nominal_bits:.2f}",
-            f"{result.bits.effective_bits:.2f}",
+            f"{result.bits.nominal_bits:.2f}/{result.bits.effective_bits:.2f}",
             f"{ratios['prefill_tokens_per_second']:.2f}, {ratios['generation_tokens_per_second']:.2f}, "
             f"{ratios['size_on_disk']:.2f}",
         )

@@ -100,6 +100,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         prompt = sys.stdin.read().strip()
         if not prompt:
             raise LieqError("standard input is empty; pipe a prompt in or pass --prompt TEXT")
+    if not interactive and not prompt.strip():
+        raise LieqError(f"--prompt {prompt!r} is empty; pass the text to answer, e.g. --prompt 'Hello'")
 
     with console.status(f"loading {args.model}"):
         folder = resolve_model(args.model)

@@ -23,11 +23,11 @@ from lieq_mlx_cli.quantize_flow import describe_settings, run_quantize
 NAME = "demo"
 HELP = "import the demo model, analyze it, quantize it, chat once with the result and summarize"
 DEFAULT_PROMPT = "What is the capital of France?"
-# Below about 4 nominal bits SmolLM2-135M no longer answers chat prompts reliably: at 3 bits
-# its perplexity is about 3 times the imported model's (docs/benchmarks.md). So the demo
-# spends 4 bits on average over widths 3 to 6.
-DEFAULT_TARGET_BITS = 4.0
-DEFAULT_WIDTHS = "3,4,5,6"
+# The product's own defaults: 3 nominal bits over widths 1 to 4. SmolLM2-135M still answers
+# simple chat prompts there, at about 2.4 times the imported model's perplexity
+# (docs/benchmarks.md); below 3 bits its answers degrade quickly.
+DEFAULT_TARGET_BITS = 3.0
+DEFAULT_WIDTHS = "1,2,3,4"
 
 
 def add_arguments(parser) -> None:

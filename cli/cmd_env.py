@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform as host
 
 import mlx.core as mx
-from rich.table import Table
+from rich.text import Text
 
 import lieq_mlx
 from lieq_mlx import models, platform
@@ -39,9 +39,7 @@ def run(args, console) -> int:
     except models.DemoModelMissingError as error:
         demo_source = f"missing: {error}"
 
-    table = Table(show_header=False, box=None)
-    table.add_column(style="bold")
-    table.add_column(overflow="fold")
+    table = FactList()
     table.add_row("lieq-mlx", lieq_mlx.__version__)
     table.add_row("mlx", mx.__version__)
     table.add_row("mlx-lm", mlx_lm_version)
@@ -58,5 +56,21 @@ def run(args, console) -> int:
     cached = "imported" if (demo_dir / "config.json").is_file() else "not imported yet"
     table.add_row("demo model", f"{demo_dir} ({cached})")
     table.add_row("demo GGUF", demo_source)
-    console.print(table)
+    table.print(console)
     return 0
+
+
+class FactList:
+    """Name and value lines, aligned, never wrapped: paths stay whole for copying."""
+
+    def __init__(self):
+        self.rows: list[tuple[str, str]] = []
+
+    def add_row(self, name: str, value: str) -> None:
+        self.rows.append((name, value))
+
+    def print(self, console) -> None:
+        width = max(len(name) for name, _ in self.rows)
+        for name, value in self.rows:
+            line = Text.assemble((name.ljust(width), "bold"), "  ", value)
+            console.print(line, soft_wrap=True)

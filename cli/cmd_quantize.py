@@ -10,7 +10,7 @@ from rich.table import Table
 from lieq_mlx.errors import BudgetError
 from lieq_mlx.pipeline import COUNTS, DEFAULT_EMBED_BITS, QuantizeSettings
 from lieq_mlx.allocation import POLICIES
-from lieq_mlx.quantize import DISTORTIONS, ROUNDINGS
+from lieq_mlx.quantize import DISTORTIONS, ROUNDINGS, SCALINGS
 from lieq_mlx_cli.console import bit_strip
 from lieq_mlx_cli.options import add_model_option
 from lieq_mlx_cli.quantize_flow import describe_settings, run_quantize
@@ -46,7 +46,10 @@ def add_arguments(parser) -> None:
                         help="layer error used by the lieq policy: output (on calibration inputs, default) or weight")
     parser.add_argument("--rounding", choices=ROUNDINGS, default="gptq",
                         help="gptq (error-compensating, uses the calibration text; default) or nearest "
-                        "(round to nearest after a per-group clipping search; needs no data)")
+                        "(round to nearest after a per-group clipping search; with --scaling none it needs no data)")
+    parser.add_argument("--scaling", choices=SCALINGS, default="awq",
+                        help="awq (scale input channels by their activations before rounding, folded into the "
+                        "norms; uses the calibration text; default) or none")
     parser.add_argument("--scores", type=Path, metavar="FILE", help="reuse layer scores from `lieq-mlx analyze --json FILE`")
     parser.add_argument("--calib", type=Path, metavar="FILE", help="calibration text (default: text sampled from the model itself)")
     parser.add_argument("--samples", type=int, default=8, help="calibration windows (default: 8)")
@@ -67,6 +70,7 @@ def settings_from_args(args) -> QuantizeSettings:
         embed_bits=args.embed_bits,
         distortion=args.distortion,
         rounding=args.rounding,
+        scaling=args.scaling,
         seed=args.seed,
     )
 

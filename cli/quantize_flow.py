@@ -110,5 +110,5 @@ def describe_settings(settings: QuantizeSettings) -> str:
     return (
         f"policy {settings.policy}, widths {format_widths(settings.resolved_widths())}, "
         f"target {settings.target_bits:g} {settings.count} bits, group size {settings.group_size}, "
-        f"embeddings {settings.embed_bits} bits, {settings.rounding} rounding"
+        f"embeddings {settings.embed_bits} bits, {settings.rounding} rounding, {settings.scaling} scaling"
     )

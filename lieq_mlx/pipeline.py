@@ -25,6 +25,7 @@ from lieq_mlx.errors import BudgetError
 from lieq_mlx.quantize import (
     DISTORTIONS,
     ROUNDINGS,
+    SCALINGS,
     apply_allocation,
     build_accounting,
     quantize_candidates,
@@ -53,6 +54,7 @@ class QuantizeSettings:
     embed_group_size: int = 64
     distortion: str = "output"
     rounding: str = "gptq"
+    scaling: str = "awq"
     seed: int = 0
 
     def resolved_widths(self) -> tuple[int, ...]:
@@ -82,6 +84,8 @@ class QuantizeSettings:
             raise BudgetError("--embed-bits 1 is invalid; choose 2, 3, 4, 5, 6, 8 or 16 (unquantized)")
         if self.rounding not in ROUNDINGS:
             raise BudgetError(f"--rounding {self.rounding!r} is invalid; choose gptq or nearest")
+        if self.scaling not in SCALINGS:
+            raise BudgetError(f"--scaling {self.scaling!r} is invalid; choose awq or none")
         if self.distortion not in DISTORTIONS:
             raise BudgetError(f"--distortion {self.distortion!r} is invalid; choose weight or output")
 
@@ -94,6 +98,7 @@ class QuantizeResult:
     scores: list[float] | None
     distortion: list[list[float]] | None
     quantization: dict
+    scaling_alphas: list[dict[str, float]] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -102,8 +107,12 @@ def needs_scores(policy: str) -> bool:
 
 
 def needs_calibration(settings: QuantizeSettings) -> bool:
-    """True when GPTQ rounding or the output distortion of `lieq` needs calibration windows."""
-    return settings.rounding == "gptq" or (settings.policy == "lieq" and settings.distortion == "output")
+    """True when GPTQ rounding, activation scaling or the output distortion of `lieq` needs calibration windows."""
+    return (
+        settings.rounding == "gptq"
+        or settings.scaling == "awq"
+        or (settings.policy == "lieq" and settings.distortion == "output")
+    )
 
 
 def budget_range(model: nn.Module, settings: QuantizeSettings) -> tuple[float, float]:
@@ -139,11 +148,13 @@ def quantize_model(
             raise BudgetError(f"{len(scores)} scores given for a model with {num_layers} decoder layers")
 
     if needs_calibration(settings) and calibration is None:
-        raise BudgetError(f"{settings.rounding} rounding and the {settings.distortion} distortion need calibration windows")
+        raise BudgetError("GPTQ rounding, activation scaling and the output distortion need calibration windows")
 
     start = time.perf_counter()
     report = (lambda done, total: progress("quantizing candidates", done, total)) if progress else None
-    candidates = quantize_candidates(model, widths, settings.group_size, calibration, settings.rounding, report)
+    candidates = quantize_candidates(
+        model, widths, settings.group_size, calibration, settings.rounding, report, scaling=settings.scaling == "awq"
+    )
     seconds["quantize"] = time.perf_counter() - start
 
     distortion = None
@@ -177,6 +188,7 @@ def quantize_model(
         scores=[float(s) for s in scores] if scores is not None else None,
         distortion=np.asarray(distortion).tolist() if distortion is not None else None,
         quantization=quantization,
+        scaling_alphas=candidates.alphas if settings.scaling == "awq" else None,
         seconds=seconds,
     )
 
@@ -195,6 +207,7 @@ def make_record(settings: QuantizeSettings, result: QuantizeResult, source: str,
         "effective_bits": result.effective_bits,
         "scores": result.scores,
         "distortion": result.distortion,
+        "scaling_alphas": result.scaling_alphas,
         "calibration": calibration,
         "seconds": result.seconds,
     }

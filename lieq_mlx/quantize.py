@@ -18,6 +18,7 @@ from lieq_mlx.allocation import BitAccounting
 from lieq_mlx.analysis.model_parts import PROJECTIONS, decoder_parts, projection, projection_parent
 from lieq_mlx.gptq import gptq_quantize, inverse_hessian_factor
 from lieq_mlx.quantizers import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, quantize_weight
+from lieq_mlx.scaling import norm_weights, scalable_producers, search_scales, transform_inputs, transform_weights
 
 DISTORTIONS = ("weight", "output")
 STORAGE_DTYPE = mx.float16  # dtype of scales, biases and unquantized weights on disk
@@ -44,6 +45,9 @@ class LayerCandidates:
     group_size: int
     weights: list[dict[int, dict[str, QuantizedWeight]]] = field(default_factory=list)
     output_error: np.ndarray | None = None  # (layers, widths), when calibration was given
+    # Per layer, the activation scales folded into it ({producer: (in,)}); empty without scaling.
+    scales: list[dict[str, mx.array]] = field(default_factory=list)
+    alphas: list[dict[str, float]] = field(default_factory=list)
 
 
 def linear_weight(module: nn.Module) -> mx.array:
@@ -97,6 +101,7 @@ def build_accounting(model: nn.Module, group_size: int, embed_bits: int, embed_g
 # Projections that read the same input activations, and so share one GPTQ Hessian.
 INPUT_SHARING = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 ROUNDINGS = ("gptq", "nearest")
+SCALINGS = ("awq", "none")
 
 
 def _check(widths, group_size) -> None:
@@ -107,11 +112,10 @@ def _check(widths, group_size) -> None:
         raise ValueError(f"group size {group_size} is not supported")
 
 
-def _quantize_layer(layer: nn.Module, widths, group_size: int, inputs: dict | None, rounding: str):
+def _quantize_layer(weights: dict[str, mx.array], widths, group_size: int, inputs: dict | None, rounding: str):
     """Quantize one decoder layer's projections at every width; return {bits: {name: QuantizedWeight}}."""
     per_width = {bits: {} for bits in widths}
     for names in INPUT_SHARING:
-        weights = {name: linear_weight(projection(layer, name)).astype(mx.float32) for name in names}
         if rounding == "gptq":
             x = np.asarray(inputs[names[0]], dtype=np.float64)  # (tokens, in_features)
             factor, dead = inverse_hessian_factor(x.T @ x)
@@ -128,22 +132,35 @@ def _quantize_layer(layer: nn.Module, widths, group_size: int, inputs: dict | No
     return per_width
 
 
-def _output_errors(layer: nn.Module, per_width: dict, inputs: dict, widths) -> list[float]:
+def _output_errors(originals: dict[str, mx.array], per_width: dict, inputs: dict, widths) -> list[float]:
     """Return the layer's relative output error at each width on the captured inputs.
 
-    For each projection P with inputs X: ||X (W - W_hat)^T||^2, summed over the layer's
-    projections and divided by the layer's sum of ||X W^T||^2.
+    Each projection P with inputs X has the relative error ||X (W - W_hat)^T||^2 / ||X W^T||^2,
+    and the layer's error is their mean weighted by parameter count. Each projection is
+    normalised by its own output because some layers have one projection whose outputs
+    are thousands of times larger than the others' (a down_proj that writes a massive
+    activation). A ratio of sums would then see only that projection and call the layer
+    cheap to round, while the other six projections lose as much as anywhere else.
+    With activation scaling, X and W are the scaled ones, whose product is the original's.
     """
-    originals = {name: linear_weight(projection(layer, name)).astype(mx.float32) for name in PROJECTIONS}
-    reference = sum(((inputs[name] @ w.T) ** 2).sum().item() for name, w in originals.items())
+    sizes = {name: w.size for name, w in originals.items()}
+    total_size = sum(sizes.values())
+    references = {name: ((inputs[name] @ w.T) ** 2).sum().item() for name, w in originals.items()}
     errors = []
     for bits in widths:
         total = 0.0
         for name, original in originals.items():
             delta = per_width[bits][name].dequantized().astype(mx.float32) - original
-            total += ((inputs[name] @ delta.T) ** 2).sum().item()  # (tokens, out) summed
-        errors.append(total / reference)
+            error = ((inputs[name] @ delta.T) ** 2).sum().item()  # (tokens, out) summed
+            total += sizes[name] * error / max(references[name], 1e-30)
+        errors.append(total / total_size)
     return errors
+
+
+def layer_weights(layer: nn.Module, scales: dict[str, mx.array] | None = None) -> dict[str, mx.array]:
+    """Return {projection name: float32 weight} of one decoder layer, with `scales` folded in."""
+    weights = {name: linear_weight(projection(layer, name)).astype(mx.float32) for name in PROJECTIONS}
+    return transform_weights(weights, scales) if scales else weights
 
 
 def quantize_candidates(
@@ -153,21 +170,23 @@ def quantize_candidates(
     calibration: mx.array | None = None,
     rounding: str = "gptq",
     progress: Callable[[int, int], None] | None = None,
+    scaling: bool = False,
 ) -> LayerCandidates:
     """Quantize every projection of every decoder layer at each width in `widths`.
 
     With `calibration` windows (N, L), one pass captures each layer's inputs, which feed
-    GPTQ (when `rounding` is gptq) and the layer's output error at each width
-    (`candidates.output_error`). Without them, rounding is to nearest after the clipping
-    search and only weight errors can be measured.
+    GPTQ (when `rounding` is gptq), the activation-scale search (when `scaling` is set)
+    and the layer's output error at each width (`candidates.output_error`). Without them,
+    rounding is to nearest after the clipping search and only weight errors can be
+    measured. The model is not modified: `apply_allocation` folds the scales in.
     """
     from lieq_mlx.analysis.capture import capture_layer_inputs
 
     _check(widths, group_size)
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding {rounding!r} is invalid; use gptq or nearest")
-    if rounding == "gptq" and calibration is None:
-        raise ValueError("GPTQ rounding needs calibration windows")
+    if calibration is None and (rounding == "gptq" or scaling):
+        raise ValueError("GPTQ rounding and activation scaling need calibration windows")
     _, layers, _ = decoder_parts(model)
     candidates = LayerCandidates(widths=tuple(sorted(widths)), group_size=group_size)
     if calibration is None:
@@ -176,11 +195,20 @@ def quantize_candidates(
         steps = capture_layer_inputs(model, calibration)
         candidates.output_error = np.zeros((len(layers), len(candidates.widths)))
     for index, inputs in steps:
-        per_width = _quantize_layer(layers[index], candidates.widths, group_size, inputs, rounding)
+        weights = layer_weights(layers[index])
+        scales, alphas = {}, {}
+        if scaling:
+            producers = scalable_producers(layers[index])
+            scales, alphas = search_scales(weights, inputs, candidates.widths, group_size, producers)
+            weights = transform_weights(weights, scales)
+            inputs = transform_inputs(inputs, scales)
+        per_width = _quantize_layer(weights, candidates.widths, group_size, inputs, rounding)
         mx.eval([q.weight for by_name in per_width.values() for q in by_name.values()])
         if inputs is not None:
-            candidates.output_error[index] = _output_errors(layers[index], per_width, inputs, candidates.widths)
+            candidates.output_error[index] = _output_errors(weights, per_width, inputs, candidates.widths)
         candidates.weights.append(per_width)
+        candidates.scales.append(scales)
+        candidates.alphas.append(alphas)
         if progress:
             progress(index + 1, len(layers))
     return candidates
@@ -191,7 +219,8 @@ def weight_distortion(model: nn.Module, candidates: LayerCandidates) -> np.ndarr
     _, layers, _ = decoder_parts(model)
     table = np.zeros((len(layers), len(candidates.widths)))
     for index, layer in enumerate(layers):
-        originals = {name: linear_weight(projection(layer, name)).astype(mx.float32) for name in PROJECTIONS}
+        # With activation scaling, the error is measured on the scaled weights that were rounded.
+        originals = layer_weights(layer, candidates.scales[index] if candidates.scales else None)
         reference = sum((w * w).sum().item() for w in originals.values())
         for j, bits in enumerate(candidates.widths):
             error = 0.0
@@ -203,10 +232,16 @@ def weight_distortion(model: nn.Module, candidates: LayerCandidates) -> np.ndarr
 
 
 def apply_allocation(model: nn.Module, candidates: LayerCandidates, allocation) -> dict:
-    """Replace each decoder layer's projections with its quantized candidate; return config entries."""
+    """Replace each decoder layer's projections with its quantized candidate; return config entries.
+
+    Layers quantized with activation scaling also get their norm weights divided by the scales.
+    """
     _, layers, _ = decoder_parts(model)
     entries = {}
     for index, (layer, bits) in enumerate(zip(layers, allocation)):
+        scales = candidates.scales[index] if candidates.scales else {}
+        for name, weight in norm_weights(layer, scales).items():
+            getattr(layer, name).weight = weight
         for name in PROJECTIONS:
             chosen = candidates.weights[index][bits][name]
             original = projection(layer, name)

@@ -374,3 +374,13 @@ def test_empty_stdin_is_an_error(cli_env):
     assert result.returncode == 1
     assert "standard input is empty" in result.stderr
     assert result.stdout == ""
+
+
+def test_blank_prompt_option_names_the_option(cli_env):
+    result = subprocess.run(
+        chat_command("--prompt", "  "), input="", capture_output=True, text=True, env=cli_env, timeout=120
+    )
+    assert result.returncode == 1
+    assert "--prompt '  ' is empty" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""

@@ -42,10 +42,13 @@ def accounting(demo_model):
 
 @pytest.fixture(scope="module")
 def uniform_folder(tmp_path_factory):
-    """The demo model at uniform 4 bits (nearest rounding), written and kept in memory."""
-    model, _ = load_model("demo")
-    settings = QuantizeSettings(target_bits=4, policy="uniform", widths=(4,), rounding="nearest")
-    result = quantize_model(model, settings)
+    """The demo model at uniform 4 bits (nearest rounding, activation scaling), written and kept in memory."""
+    from lieq_mlx.calibration import self_generated_windows
+
+    model, tokenizer = load_model("demo")
+    calibration = self_generated_windows(model, tokenizer, samples=2, seq_len=64, seed=0)
+    settings = QuantizeSettings(target_bits=4, policy="uniform", widths=(4,), rounding="nearest", scaling="awq")
+    result = quantize_model(model, settings, calibration=calibration)
     folder = tmp_path_factory.mktemp("quantized") / "uniform4"
     source = resolve_model("demo")
     from mlx_lm.utils import load_config
@@ -121,6 +124,8 @@ def test_folder_records_how_it_was_made(uniform_folder):
     assert record["effective_bits"] == pytest.approx(result.effective_bits)
     assert config["quantization"]["model.layers.0.self_attn.q_proj"] == {"group_size": 64, "bits": 4}
     assert config["quantization"]["model.embed_tokens"] == {"group_size": 64, "bits": 6}
+    assert len(record["scaling_alphas"]) == 30
+    assert record["settings"]["scaling"] == "awq"
     assert (folder / "tokenizer.json").is_file()
 
 
@@ -198,7 +203,10 @@ def test_infeasible_target_names_range(accounting, how, target):
 
 def test_cli_infeasible_target_leaves_nothing(tmp_path):
     output = tmp_path / "q"
-    done = run_cli("quantize", "-o", str(output), "--target-bits", "9", "--policy", "uniform", "--rounding", "nearest")
+    done = run_cli(
+        "quantize", "-o", str(output), "--target-bits", "9", "--policy", "uniform", "--rounding", "nearest",
+        "--scaling", "none",
+    )
 
     assert done.returncode == 1
     assert "choose a value from" in done.stderr
@@ -247,3 +255,21 @@ def test_cli_lieq_policy_end_to_end(tmp_path, calib_text_path):
     assert record["nominal_bits"] > 3.0 - 2 / 30  # one layer step below at most
     assert len(record["scores"]) == 30
     assert "effective bits" in done.stderr
+
+
+def test_output_error_sees_every_projection(demo_model, calib_text_path):
+    """Layer 11's down_proj writes outputs thousands of times larger than its other projections.
+
+    The layer's 1-bit error must still be of the size of the other layers' errors: the
+    other six projections lose as much there as anywhere.
+    """
+    from lieq_mlx.data import read_text, sample_windows, tokenize
+    from lieq_mlx.quantize import quantize_candidates
+
+    model, tokenizer = demo_model
+    windows = sample_windows(tokenize(tokenizer, read_text(calib_text_path)), 128, 2, seed=0, source="valid.txt")
+    candidates = quantize_candidates(model, (1,), 64, windows, rounding="nearest")
+    errors = candidates.output_error[:, 0]
+
+    assert errors[11] > 0.5 * np.median(errors)
+    assert np.all(errors > 0)
