@@ -101,6 +101,8 @@ def plan_rows(include_extra: bool = True) -> list[RowSpec]:
     rows.append(RowSpec("lieq-match-dynamic-34", "lieq-match", (1, 2, 3, 4), match_row="dynamic-34-match-mixed_3_4"))
     # The recipes store the embedding at their low width, so LieQ with a 4-bit embedding too.
     rows.append(RowSpec("lieq-match-mixed_3_4-e4", "lieq-match", (1, 2, 3, 4), recipe="mixed_3_4", embed_bits=4))
+    rows.append(RowSpec("lieq-match-dynamic-34-e4", "lieq-match", (1, 2, 3, 4), match_row="dynamic-34-match-mixed_3_4",
+                        embed_bits=4))
     rows += [RowSpec("rtn-3", "rtn", (3,)), RowSpec("clip-3", "clip", (3,))]
     rows += lieq_set("equal", (1, 2, 3, 4))
     rows += lieq_set("paper", (2, 4)) + random_set((2, 4), SEEDS[:1])
