@@ -24,8 +24,8 @@ NAME = "demo"
 HELP = "import the demo model, analyze it, quantize it, chat once with the result and summarize"
 DEFAULT_PROMPT = "What is the capital of France?"
 # The product's own defaults: 3 nominal bits over widths 1 to 4. SmolLM2-135M still answers
-# simple chat prompts there, at about 2.4 times the imported model's perplexity
-# (docs/benchmarks.md); below 3 bits its answers degrade quickly.
+# simple chat prompts there, at about 2.1 times the imported model's perplexity
+# (docs/benchmarks.md). Below 3 bits perplexity climbs fast: 5.6 times at 2.5 bits.
 DEFAULT_TARGET_BITS = 3.0
 DEFAULT_WIDTHS = "1,2,3,4"
 
