@@ -386,7 +386,7 @@ def test_empty_stdin_is_an_error(cli_env):
     assert result.stdout == ""
 
 
-def test_blank_prompt_option_names_the_option(cli_env):
+def test_blank_prompt_names_option(cli_env):
     result = subprocess.run(
         chat_command("--prompt", "  "), input="", capture_output=True, text=True, env=cli_env, timeout=120
     )

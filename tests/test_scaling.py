@@ -29,7 +29,7 @@ def calibration(demo_model, calib_text_path):
 
 @pytest.fixture(scope="module")
 def layer_inputs(demo_model, calibration):
-    """The captured inputs of decoder layer 3 and the hidden states entering it."""
+    """The captured projection inputs of decoder layer 3."""
     model, _ = demo_model
     for index, inputs in capture_layer_inputs(model, calibration):
         if index == 3:
@@ -37,7 +37,7 @@ def layer_inputs(demo_model, calibration):
     raise AssertionError("layer 3 was never captured")
 
 
-def test_folded_scales_keep_the_layer_function(demo_model):
+def test_folded_scales_keep_layer_function(demo_model):
     model, _ = demo_model
     layer = model.model.layers[3]
     rng = np.random.default_rng(0)
@@ -67,7 +67,7 @@ def test_folded_scales_keep_the_layer_function(demo_model):
     assert mx.allclose(actual, expected, rtol=1e-4, atol=1e-4).item()
 
 
-def test_search_lowers_rounding_error_on_real_inputs(demo_model, layer_inputs):
+def test_search_lowers_rounding_error(demo_model, layer_inputs):
     model, _ = demo_model
     layer = model.model.layers[3]
     weights = layer_weights(layer)
